@@ -1,0 +1,1 @@
+"""Quantization: specs and quantizer ops shared by every method, transforms, GPTQ, runtime."""
