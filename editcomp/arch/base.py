@@ -45,6 +45,21 @@ class LayerParts:
         return {"q": self.q, "k": self.k, "v": self.v, "o": self.o,
                 "gate": self.gate, "up": self.up, "down": self.down}
 
+    def replace(self, role: str, new: nn.Module) -> None:
+        """Put ``new`` where the module of ``role`` (e.g. ``"down"``) sits in the layer.
+
+        The parent and attribute are found by identity inside ``self.module``, so methods can
+        swap a module (e.g. wrap a linear) without knowing the family's module names.
+        """
+        old = getattr(self, role)
+        for parent in self.module.modules():
+            for name, child in parent.named_children():
+                if child is old:
+                    setattr(parent, name, new)
+                    setattr(self, role, new)
+                    return
+        raise ValueError(f"layer {self.index}: module of role {role!r} not found in the layer")
+
 
 class ArchAdapter:
     """Base adapter for decoder-only transformers laid out like Llama.
@@ -130,12 +145,16 @@ class ArchAdapter:
 
     # -- norms ----------------------------------------------------------------------------
     def norm_gain(self, norm: nn.Module) -> torch.Tensor:
-        """The effective per-channel gain the norm multiplies by."""
-        return norm.weight.detach() + self.norm_offset
+        """The effective per-channel gain the norm multiplies by, in at least float32
+        (``1 + w`` in bf16 would round away most of a small Gemma ``w``)."""
+        w = norm.weight.detach()
+        return w.to(torch.promote_types(w.dtype, torch.float32)) + self.norm_offset
 
     def set_norm_gain(self, norm: nn.Module, gain: torch.Tensor) -> None:
+        """Store ``gain``; the offset is removed before casting to the weight's dtype."""
         with torch.no_grad():
-            norm.weight.copy_(gain.to(norm.weight.dtype) - self.norm_offset)
+            g = gain.to(torch.promote_types(gain.dtype, torch.float32))
+            norm.weight.copy_((g - self.norm_offset).to(norm.weight.dtype))
 
     def describe(self) -> dict:
         """A short summary for reports."""
