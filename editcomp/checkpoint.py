@@ -151,6 +151,7 @@ def load(ref: str | os.PathLike, device=None, dtype=None, pull: bool = True) -> 
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    import editcomp.quant  # noqa: F401  (registers the quantized-checkpoint loaders)
     from editcomp import arch, models
     from editcomp.device import resolve
 
