@@ -28,3 +28,13 @@ def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype |
             raise ConfigError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(names)}")
         dt = names[dtype]
     return dev, dt
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory of this process on ``device``: allocated CUDA memory on a GPU, resident set
+    size (the high-water mark since the process started) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
