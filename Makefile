@@ -6,7 +6,6 @@ VENV ?= .venv
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-DEMO_TEXT ?= ../shared/data/wikitext-2/test.txt
 
 .PHONY: demo test test-fast install clean
 
@@ -19,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/editcomp eval smollm2-135m --text $(DEMO_TEXT) --seq-len 2048 --max-windows 20
+	$(VENV)/bin/editcomp run recipes/demo.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

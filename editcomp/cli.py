@@ -164,10 +164,23 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 @click.option("--bits", default="w4a4kv4", show_default=True,
               help="wNaM[kvK]: N weight bits (2-8), M activation bits (4-8, 16 = off), "
                    "K KV-cache bits, e.g. w4a16, w8a8, w4a8kv8, w4a4kv4.")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "quarot"]), default="quarot",
-              show_default=True,
+@click.option("--method", type=click.Choice(["rtn", "gptq", "quarot", "ostquant", "nupes", "nf4",
+                                             "fp4"]),
+              default="quarot", show_default=True,
               help="rtn: round to nearest; gptq: GPTQ weights; quarot: Hadamard rotations "
-                   "+ GPTQ.")
+                   "+ GPTQ; ostquant: learned rotations and scales (KL-Top) + GPTQ; nupes: "
+                   "power-exponent non-uniform weights; nf4/fp4: bitsandbytes 4-bit blocks of "
+                   "--group-size (default 64).")
+@click.option("--weights", type=click.Choice(["gptq", "rtn", "nupes"]), default=None,
+              help="Weight quantizer after the method's transforms [default: the method's own], "
+                   "e.g. --method ostquant --weights nupes.")
+@click.option("--data-free", is_flag=True,
+              help="nupes: search the exponents on the weights alone (no calibration).")
+@click.option("--exponent-per", type=click.Choice(["channel", "layer"]), default="channel",
+              show_default=True, help="nupes: one exponent per output channel or per linear.")
+@click.option("--nupes-steps", type=int, default=None,
+              help="nupes data-driven: Adam steps per linear on the exponent, scales and codes "
+                   "[default: 20].")
 @click.option("--group-size", type=int, default=None, help="Weight group size (default: per "
                                                            "output channel).")
 @click.option("--calib", type=click.Path(dir_okay=False), default=DEFAULT_CALIB,
@@ -176,9 +189,23 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
               help="Calibration windows (the papers use 128; 32 keeps CPU runs in minutes).")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Calibration sampling and rotations.")
-@click.option("--act-clip", default=1.0, show_default=True,
-              help="Clip ratio of activation ranges (about 0.9 helps at 4 bits).")
-@click.option("--kv-clip", default=1.0, show_default=True, help="Clip ratio of KV ranges.")
+@click.option("--act-clip", type=float, default=None,
+              help="Clip ratio of activation ranges [default: 0.9 for ostquant, else 1.0].")
+@click.option("--kv-clip", type=float, default=None,
+              help="Clip ratio of KV ranges [default: 0.95 for ostquant, else 1.0].")
+@click.option("--steps", type=int, default=None,
+              help="ostquant: training steps [default: 60; scaled down for a 2-core CPU from "
+                   "the paper's 100-150 steps on 128+ windows of 2048 tokens: one 512-token "
+                   "window per step (--train-seq-len), at most 32 windows].")
+@click.option("--lr-rot", type=float, default=None,
+              help="ostquant: Adam learning rate of the rotations' Cayley parameter "
+                   "[default: 1e-4; the paper's 1e-2 is for a Riemannian step and "
+                   "diverges here].")
+@click.option("--lr-scale", type=float, default=None,
+              help="ostquant: learning rate of the scales [default: 2e-3, as the paper].")
+@click.option("--train-seq-len", type=int, default=None,
+              help="ostquant: calibration windows are cut into training windows of this many "
+                   "tokens [default: 512; the paper trains on 2048].")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=DEFAULT_TEXT,
               show_default=True, help="Text for the before/after perplexity.")
 @click.option("--eval-windows", default=4, show_default=True,
@@ -188,8 +215,9 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 @device_option
 @dtype_option
 @json_option
-def quantize_cmd(model, bits, method, group_size, calib, nsamples, seq_len, seed, act_clip,
-                 kv_clip, eval_text, eval_windows, out, force, device, dtype, as_json):
+def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_steps, group_size,
+                 calib, nsamples, seq_len, seed, act_clip, kv_clip, steps, lr_rot, lr_scale,
+                 train_seq_len, eval_text, eval_windows, out, force, device, dtype, as_json):
     """Quantize MODEL and write a quantized checkpoint to --out.
 
     Weights are stored as packed integer codes and scales; lm_head and embeddings stay in full
@@ -198,6 +226,7 @@ def quantize_cmd(model, bits, method, group_size, calib, nsamples, seq_len, seed
     \b
     Example:
       editcomp quantize smollm2-135m --bits w4a16 --method gptq --out out/w4a16
+      editcomp quantize smollm2-135m --bits w3a16 --method nupes --out out/w3-nupes
     """
     from pathlib import Path
 
@@ -206,10 +235,19 @@ def quantize_cmd(model, bits, method, group_size, calib, nsamples, seq_len, seed
     from editcomp.device import peak_memory_mb
     from editcomp.eval import perplexity
     from editcomp.quant.checkpoint_io import save_quantized
+    from editcomp.quant.ostquant import OSTQuantConfig
+    from editcomp.quant.nupes import NUPESConfig
     from editcomp.quant.pipeline import QuantizeConfig, quantize
 
+    ost = {k: v for k, v in dict(steps=steps, lr_rot=lr_rot, lr_scale=lr_scale,
+                                 train_seq_len=train_seq_len).items() if v is not None}
     config = QuantizeConfig(bits=bits, method=method, group_size=group_size, nsamples=nsamples,
-                            seq_len=seq_len, seed=seed, act_clip=act_clip, kv_clip=kv_clip)
+                            seq_len=seq_len, seed=seed, act_clip=act_clip, kv_clip=kv_clip,
+                            ostquant=OSTQuantConfig(seed=seed, **ost), weights=weights,
+                            nupes=NUPESConfig(data_free=data_free, seed=seed,
+                                              per_channel_exponent=exponent_per == "channel",
+                                              **({} if nupes_steps is None
+                                                 else {"steps": nupes_steps})))
     config.bits_spec()  # a bad --bits fails here, before anything is loaded
     if Path(out).exists() and not force:
         raise EditcompError(f"{out} already exists; choose another --out or pass --force")
@@ -232,18 +270,325 @@ def quantize_cmd(model, bits, method, group_size, calib, nsamples, seq_len, seed
     result = {"out": str(path), "bits": report["bits"], "method": method, **metrics}
     if "note" in report:
         result["note"] = report["note"]
+    if report.get("losses"):
+        result.update(kl_top_first=report["loss_first"], kl_top_last=report["loss_last"])
+    if "nupes" in report:
+        result["exponent_histogram"] = report["nupes"]["exponent_histogram"]
+    if "qsur_after" in report:
+        def points(row):
+            return {k: v for k, v in row.items() if k != "layer"}
+        result["qsur"] = [{"layer": b["layer"], "before": points(b), "after": points(a)}
+                          for b, a in zip(report["qsur_before"]["layers"],
+                                          report["qsur_after"]["layers"])]
+        result["qsur_mean"] = {"before": report["qsur_before"]["mean"],
+                               "after": report["qsur_after"]["mean"]}
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({r['method']} {r['bits']})")
         if "note" in r:
             click.echo(f"note: {r['note']}")
         rows = [("ppl before", r.get("ppl_before")), ("ppl after", r.get("ppl_after")),
+                ("KL-Top first", r.get("kl_top_first")), ("KL-Top last", r.get("kl_top_last")),
                 ("seconds", r["seconds"]), ("peak memory MB", r["peak_memory_mb"])]
+        for point in ("attn_in", "o_in", "mlp_in", "down_in") if "qsur_mean" in r else ():
+            b, a = r["qsur_mean"]["before"][point], r["qsur_mean"]["after"][point]
+            rows.append((f"QSUR {point}", f"{b:.4f} -> {a:.4f}"))
         for name, v in rows:
             if v is not None:
                 click.echo(f"  {name:<16}{v:>12.4f}" if isinstance(v, float) else
                            f"  {name:<16}{v:>12}")
+        if "exponent_histogram" in r:
+            click.echo("  NUPES exponents: " + ", ".join(
+                f"[{lo:.1f},{hi:.1f}) {n}" for lo, hi, n in r["exponent_histogram"] if n))
     emit(result, as_json, human)
+
+
+# ---------------------------------------------------------------------------------- export
+@cli.command("export")
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors"]),
+              default="compressed-tensors", show_default=True,
+              help="Output layout (compressed-tensors: what vLLM and transformers load).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--bits", default=None,
+              help="Quantize a float MODEL first: w4a16, w8a16 (optionally gG, -asym) or w8a8. "
+                   "Leave out to export an editcomp quantized checkpoint as it is.")
+@click.option("--group-size", type=int, default=None,
+              help="With --bits: weight group size (default: per output channel).")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True,
+              help="With --bits: round to nearest, or GPTQ on --calib.")
+@click.option("--calib", type=click.Path(dir_okay=False), default=DEFAULT_CALIB,
+              show_default=True, help="With --method gptq: calibration text.")
+@click.option("--nsamples", default=32, show_default=True, help="Calibration windows (gptq).")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", default=0, show_default=True, help="Calibration sampling.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@device_option
+@dtype_option
+@json_option
+def export_cmd(model, fmt, out, bits, group_size, method, calib, nsamples, seq_len, seed, force,
+               device, dtype, as_json):
+    """Write MODEL in a standard quantized layout that serving engines load.
+
+    Exportable: weight-only w4a16 / w8a16 (per channel or group, symmetric or asymmetric) and
+    w8a8 (per-channel symmetric int8 weights, dynamic per-token int8 activations). Refused, with
+    the reason: online Hadamards (QuaRot, OSTQuant), KV-cache quantization, 4-bit activations and
+    non-uniform grids (NUPES). Scales are stored in fp32; other tensors in --dtype.
+
+    \b
+    Examples:
+      editcomp export out/w4a16 --out out/w4a16-ct
+      editcomp export smollm2-135m --bits w8a8 --method gptq --out out/w8a8-ct
+    """
+    from pathlib import Path
+
+    from editcomp import checkpoint, models
+    from editcomp.data import calibration_windows
+    from editcomp.quant.export import ExportConfig, export
+
+    config = ExportConfig(format=fmt, bits=bits, group_size=group_size, method=method,
+                          nsamples=nsamples, seq_len=seq_len, seed=seed)  # checks --bits
+    if Path(out).exists() and not force:
+        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
+    src = models.resolve(model)
+    config.check_source(checkpoint.read_config(src), where=str(src))  # before loading
+    ck = checkpoint.load(src, device=device, dtype=dtype)
+    qconfig = config.quantize_config()
+    calib_ids = (calibration_windows(ck.tokenizer, calib, nsamples, seq_len, seed=seed)
+                 if qconfig is not None and qconfig.needs_calibration else None)
+    result = export(ck, config, out, calib=calib_ids, force=force)
+
+    def human(r):
+        click.echo(f"wrote {r['out']}  ({r['format']} {r['compressed_format']}, {r['bits']}, "
+                   f"{r['quantized_linears']} quantized linears, {r['bytes'] / 2**20:.1f} MiB)")
+        click.echo(f"  kept in float: {', '.join(r['ignore']) or 'nothing'}")
+    emit(result, as_json, human)
+
+
+# -------------------------------------------------------------------------------- distill
+@cli.command("distill")
+@click.option("--teacher", required=True, help="Full-precision teacher (for an edited student: "
+                                                "the edited fp model).")
+@click.option("--student", required=True, help="Student checkpoint (quantized or float).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "skl", "srkl", "kltop", "cakld"]),
+              default="fkl", show_default=True, help="Divergence between the next-token "
+              "distributions (see editcomp.distill.losses).")
+@click.option("--train", "train_set", default="all", show_default=True,
+              help="all (weights, on the student's grid via STE), scales, norms or lora; "
+                   "scales/norms/lora combine, e.g. scales,norms.")
+@click.option("--steps", default=100, show_default=True, help="Optimizer steps.")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (default: all 1e-5, scales 1e-4, norms 1e-3, lora 2e-4).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per training window.")
+@click.option("--batch-size", default=1, show_default=True, help="Windows per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per step.")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help=f"Training text, cut into windows (e.g. {DEFAULT_CALIB}).")
+@click.option("--generate", default=0, show_default=True,
+              help="Also train on N sequences sampled from the teacher (data-free).")
+@click.option("--facts", type=click.Path(dir_okay=False), default=None,
+              help="Facts JSONL / BMIKE-53 JSON: edit prompts and paraphrases + target, so the "
+                   "teacher's edits survive.")
+@click.option("--facts-weight", default=1.0, show_default=True,
+              help="Weight of the loss on the facts' target tokens.")
+@click.option("--alpha", default=0.1, show_default=True, help="skl/srkl skew.")
+@click.option("--beta", default=0.5, show_default=True, help="jsd teacher weight.")
+@click.option("--top-k", default=1000, show_default=True, help="kltop: teacher's top-k classes.")
+@click.option("--gamma", type=float, default=None,
+              help="cakld weight of the reverse KL (default: teacher's mean top-1 confidence).")
+@click.option("--lora-rank", default=8, show_default=True, help="Rank of the LoRA adapters.")
+@click.option("--seed", default=0, show_default=True, help="Data order, sampling, LoRA init.")
+@click.option("--save-every", default=0, show_default=True,
+              help="Write the trainer state every N steps (0: never).")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the trainer state goes (default: OUT.state).")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Continue from a trainer state of the same run.")
+@click.option("--eval-text", type=click.Path(dir_okay=False), default=DEFAULT_TEXT,
+              show_default=True, help="Text for the before/after perplexity.")
+@click.option("--eval-windows", default=4, show_default=True,
+              help="Windows of --eval-seq-len tokens for the before/after perplexity (0: skip).")
+@click.option("--eval-seq-len", default=2048, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@device_option
+@dtype_option
+@json_option
+def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batch_size,
+                grad_accum, text, generate, facts, facts_weight, alpha, beta, top_k, gamma,
+                lora_rank, seed, save_every, state_dir, resume, eval_text, eval_windows,
+                eval_seq_len, force, device, dtype, as_json):
+    """Distill --student towards --teacher and write the student, in its own format, to --out.
+
+    A quantized student stays on its quantization grid (integer codes and scales); lm_head and
+    embeddings stay frozen. The report gives perplexity before and after and the loss curve.
+
+    \b
+    Example:
+      editcomp distill --teacher smollm2-135m --student out/w3 --out out/w3-distilled \\
+          --loss cakld --train scales,norms --text ../shared/data/wikitext-2/valid.txt
+    """
+    from pathlib import Path
+
+    from editcomp import checkpoint
+    from editcomp.data import load_facts, token_windows
+    from editcomp.distill import DistillConfig, build_data, distill
+    from editcomp.eval import perplexity
+    from editcomp.quant.checkpoint_io import save_quantized
+    from editcomp.quant.runtime import quant_linears
+
+    state_dir = state_dir or (str(Path(out)) + ".state" if save_every else None)
+    config = DistillConfig(loss=loss, train=train_set, steps=steps, lr=lr, batch_size=batch_size,
+                           seq_len=seq_len, grad_accum=grad_accum, facts_weight=facts_weight,
+                           alpha=alpha, beta=beta, k=top_k, gamma=gamma, lora_rank=lora_rank,
+                           seed=seed, save_every=save_every, checkpoint_dir=state_dir,
+                           resume=resume)
+    if not (text or generate or facts):
+        raise EditcompError("no training data: give --text FILE, --generate N and/or --facts FILE")
+    if Path(out).exists() and not force:
+        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
+    if facts:
+        load_facts(facts)  # a bad facts file fails here, before any model is loaded
+    t_ck = checkpoint.load(teacher, device=device, dtype=dtype)
+    s_ck = checkpoint.load(student, device=device, dtype=dtype)
+    if t_ck.tokenizer.get_vocab() != s_ck.tokenizer.get_vocab():
+        raise EditcompError(f"teacher {teacher} and student {student} have different tokenizers "
+                            f"({len(t_ck.tokenizer)} vs {len(s_ck.tokenizer)} tokens); this "
+                            "version distills between models with one tokenizer")
+    data = build_data(s_ck.tokenizer, t_ck.model, config, text=text, generate=generate,
+                      facts=facts)
+    windows = (token_windows(s_ck.tokenizer, eval_text, eval_seq_len, eval_windows)
+               if eval_windows else None)
+    metrics = {}
+    if windows is not None:
+        metrics["ppl_teacher"] = perplexity(t_ck.model, windows)["ppl"]
+        metrics["ppl_before"] = perplexity(s_ck.model, windows)["ppl"]
+    report = distill(s_ck.model, t_ck.model, config, data)
+    if windows is not None:
+        metrics["ppl_after"] = perplexity(s_ck.model, windows)["ppl"]
+    curve = report["loss_curve"]
+    metrics.update(loss_first=curve["first"], loss_last=curve["last"], seconds=report["seconds"])
+    entry = checkpoint.lineage_entry(
+        "distill", config=dict(config.identity(), lr=config.learning_rate), metrics=metrics,
+        parent=s_ck, teacher={"path": str(t_ck.path), "weights_sha256": t_ck.weights_sha256},
+        data=report["data"], loss_curve=curve, trainable_params=report["trainable_params"])
+    if quant_linears(s_ck.model):
+        path = save_quantized(s_ck.model, s_ck.tokenizer, out, entry, parent=s_ck, force=force)
+    else:
+        path = checkpoint.save(s_ck.model, s_ck.tokenizer, out, entry, parent=s_ck, force=force)
+    result = {"out": str(path), "loss": loss, "train": train_set, "steps": steps,
+              "trainable_params": report["trainable_params"], **metrics,
+              "loss_curve": curve["means"]}
+
+    def human(r):
+        click.echo(f"wrote {r['out']}  ({r['loss']}, train {r['train']}, {r['steps']} steps, "
+                   f"{r['trainable_params']} trainable)")
+        for name in ("ppl_teacher", "ppl_before", "ppl_after", "loss_first", "loss_last",
+                     "seconds"):
+            if r.get(name) is not None:
+                click.echo(f"  {name:<16}{r[name]:>12.4f}")
+    emit(result, as_json, human)
+
+
+# ------------------------------------------------------------------------------------ edit
+@cli.command("edit")
+@click.argument("facts", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="Checkpoint directory or registered model name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--method", type=click.Choice(["lafn", "ft-l"]), default="lafn", show_default=True,
+              help="lafn: update the language-agnostic factual neurons; ft-l: fine-tune one "
+                   "layer's down_proj (baseline).")
+@click.option("--langs", default=None, help="Comma-separated languages to edit, e.g. en,de "
+                                            "[default: every language of each fact].")
+@click.option("--limit", default=None, type=int, help="Edit only N facts.")
+@click.option("--offset", default=0, show_default=True, help="Skip the first K facts.")
+@click.option("--sequential", is_flag=True, help="Edit the facts one after another (default: "
+                                                 "all together).")
+@click.option("--paraphrases", default=None, type=int,
+              help="Template paraphrases added per language for locating and training "
+                   "[default: 2]; evaluation probes are never used.")
+@click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
+              help="Write the neuron-location report (lafn) as JSON here.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@device_option
+@dtype_option
+@json_option
+def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases,
+             report_file, force, device, dtype, as_json):
+    """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
+
+    \b
+    Example:
+      editcomp edit examples/facts.jsonl --model gemma3-270m --langs en,de --out out/edited
+    """
+    from pathlib import Path
+
+    from editcomp import checkpoint
+    from editcomp.data import facts_sha256, load_facts
+    from editcomp.edit import FTLConfig, LAFNConfig
+    from editcomp.edit.run import check_edit_inputs, edit_and_measure
+
+    lang_list = [s.strip() for s in langs.split(",") if s.strip()] if langs else None
+    fact_list = load_facts(facts, langs=lang_list, limit=limit, offset=offset)
+    if Path(out).exists() and not force:
+        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
+    extra = {} if paraphrases is None else {"paraphrases": paraphrases}
+    config = (LAFNConfig(sequential=sequential, **extra) if method == "lafn"
+              else FTLConfig(**extra))
+    if method == "ft-l" and sequential:
+        raise EditcompError("--sequential applies to --method lafn only")
+    config.validate()
+    ck = checkpoint.load(model, device=device, dtype=dtype)
+    check_edit_inputs(fact_list, ck.tokenizer, lang_list)  # every target tokenizes
+    report = edit_and_measure(ck.model, ck.tokenizer, fact_list, config, lang_list)
+    metrics = {"edit": report["metrics"], "losses": report["losses"],
+               "seconds": round(report["seconds"], 1)}
+    if method == "lafn":
+        metrics["neurons"] = report["neurons"]
+    entry = checkpoint.lineage_entry(
+        "edit", config={"method": method, **report["config"]}, metrics=metrics, parent=ck,
+        facts={"path": str(facts), "sha256": facts_sha256(facts), "count": len(fact_list),
+               "offset": offset, "limit": limit, "langs": lang_list},
+        paraphrase_source=report["paraphrase_source"])
+    if report_file and method == "lafn":
+        Path(report_file).write_text(json.dumps(report["locate"], indent=2, ensure_ascii=False) + "\n")
+    path = checkpoint.save(ck.model, ck.tokenizer, out, entry, parent=ck, force=force)
+    result = {"out": str(path), "method": method, "facts": len(fact_list), **metrics}
+
+    def human(r):
+        click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")
+        if "neurons" in r:
+            n = r["neurons"]
+            click.echo(f"neurons: {n['total']} ({n['per_fact_mean']:.1f} per fact), per layer "
+                       f"{n['layer_histogram']}")
+        click.echo(format_edit_table(r["edit"]))
+    emit(result, as_json, human)
+
+
+# ------------------------------------------------------------------------------------- run
+@cli.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True,
+              help="Run every step again, replacing outputs that exist.")
+@json_option
+def run_cmd(recipe, force, as_json):
+    """Run RECIPE (YAML): edit / quantize / distill steps, each writing a checkpoint under the
+    recipe's workdir, with the recipe's eval after every step and a report at the end.
+
+    A step whose output exists with the same config, inputs and input weights is skipped, so an
+    interrupted run resumes where it stopped. Each step's keys are the fields of its config
+    (QuantizeConfig, EditConfig, DistillConfig) plus its inputs (calib; facts, langs, limit;
+    teacher, text, facts). The report goes to WORKDIR/report.md and report.json.
+
+    \b
+    Example:
+      editcomp run recipes/demo.yaml
+    """
+    from editcomp.recipe import format_report, load_recipe, run_recipe
+
+    r = load_recipe(recipe)  # every key and value is checked before any model is loaded
+    report = run_recipe(r, force=force, log=lambda m: click.echo(m, err=True))
+    emit(report, as_json, lambda rep: click.echo(format_report(rep)))
 
 
 def format_edit_table(edit: dict) -> str:

@@ -6,6 +6,8 @@ module layout as the real models, so every adapter path is exercised.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig,
                           Qwen2Config, Qwen3Config)
@@ -58,22 +60,30 @@ _CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A real byte-level BPE tokenizer trained in memory on a few multilingual sentences.
+def tiny_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None,
+                   unk_token: str | None = None):
+    """A real byte-level BPE tokenizer trained in memory on ``texts`` (default: a few
+    multilingual sentences; the test suite passes WikiText lines for realistic pieces).
 
     Byte-level, so any text (Chinese included) tokenizes; BOS is prepended like Llama's.
+    Special tokens: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2 (``tiny_config``'s ids), then
+    ``unk_token`` (3) if given -- never produced by a byte-level model, but it shifts every learned
+    token's id, so tests that pinned their numbers with it keep it.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    specials = ["<pad>", "<s>", "</s>"] + ([unk_token] if unk_token else [])
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    texts = [t for t in texts or () if t.strip()] or [_CORPUS] * 4
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+                                   pad_token="<pad>", unk_token=unk_token,
+                                   model_max_length=1 << 30)

@@ -1,7 +1,5 @@
-"""Shared test fixtures: tiny random models and a real in-memory tokenizer (no downloads).
-
-Each model family has its own clearly named builder function and fixture; add new families below.
-"""
+"""Shared test fixtures: the shared data sets, and a tiny Llama with a real in-memory tokenizer
+(both built by ``editcomp.tiny``; no downloads)."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FACTS = REPO / "examples" / "facts.jsonl"
@@ -32,17 +29,25 @@ def shared_data() -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------ tiny tokenizer
+def run_cli(*args):
+    """Run ``editcomp ARGS`` in-process (stdout and stderr apart). User errors come back as the
+    exit code and message; anything else (a bug) is re-raised with its traceback."""
+    from click.testing import CliRunner
+
+    from editcomp.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer trained in memory on WikiText lines and the example facts.
+# ------------------------------------------------------------------------------ tiny model + tokenizer
 
-    Byte-level, so every string (zh included) tokenizes; adds ``<s>`` (BOS) by default like Llama.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
+def tokenizer_texts() -> list[str]:
+    """What the session tokenizer is trained on: WikiText lines and every string of the example
+    facts, so test text (en/de/fr/es/zh) tokenizes into realistic pieces."""
     texts: list[str] = []
     data = find_shared_data()
     if data is not None and (data / "wikitext-2" / "valid.txt").is_file():
@@ -52,20 +57,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         for line in EXAMPLE_FACTS.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts += _strings_in(json.loads(line))
-    if not texts:
-        texts = ["The quick brown fox jumps over the lazy dog ."] * 10
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", model_max_length=1 << 30)
+    return texts
 
 
 def _strings_in(obj) -> list[str]:
@@ -80,25 +72,17 @@ def _strings_in(obj) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    return build_tiny_tokenizer()
+    """``editcomp.tiny.tiny_tokenizer`` with a 1024 vocabulary (``<unk>`` included) trained on
+    ``tokenizer_texts()``; tests' numbers were measured with exactly this tokenizer."""
+    from editcomp.tiny import tiny_tokenizer as build
 
-
-# ------------------------------------------------------------------------------ tiny Llama
-
-
-def build_tiny_llama(tokenizer, seed: int = 0):
-    """A 2-layer random Llama (hidden 64, GQA 4/2 heads) sized to ``tokenizer``; eval mode, fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return build(vocab_size=1024, texts=tokenizer_texts(), unk_token="<unk>")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_tokenizer):
-    """Session-scoped: tests that change weights must work on a ``copy.deepcopy``."""
-    return build_tiny_llama(tiny_tokenizer)
+    """``editcomp.tiny.tiny_model("llama")`` sized to ``tiny_tokenizer``. Session-scoped: tests
+    that change weights must work on a ``copy.deepcopy``."""
+    from editcomp.tiny import tiny_model
+
+    return tiny_model("llama", vocab_size=len(tiny_tokenizer))

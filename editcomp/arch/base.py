@@ -104,12 +104,17 @@ class ArchAdapter:
         attn, mlp = block.self_attn, block.mlp
         return LayerParts(
             index=i, module=block, attn=attn, mlp=mlp,
-            attn_in_norm=block.input_layernorm,
             q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            mlp_in_norm=block.post_attention_layernorm,
             gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
             q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+            **self.layer_norms(block),
         )
+
+    def layer_norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The block's residual-branch norms as ``LayerParts`` fields: the pre-norm layout
+        (one norm before attention, one before the MLP). Families with more override this."""
+        return {"attn_in_norm": block.input_layernorm,
+                "mlp_in_norm": block.post_attention_layernorm}
 
     def layers(self) -> list[LayerParts]:
         return [self.layer(i) for i in range(self.num_layers)]

@@ -2,7 +2,7 @@
 sqrt(hidden), per-head q/k norms, and extra norms on each branch's output before the residual
 add (``post_attention_layernorm``, ``post_feedforward_layernorm``)."""
 
-from editcomp.arch.base import ArchAdapter, LayerParts
+from editcomp.arch.base import ArchAdapter
 
 
 class Gemma3Adapter(ArchAdapter):
@@ -16,16 +16,9 @@ class Gemma3Adapter(ArchAdapter):
         "rotation cannot be fused into the weights"
     )
 
-    def layer(self, i: int) -> LayerParts:
-        block = self.decoder.layers[i]
-        attn, mlp = block.self_attn, block.mlp
-        return LayerParts(
-            index=i, module=block, attn=attn, mlp=mlp,
-            attn_in_norm=block.input_layernorm,
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            attn_out_norm=block.post_attention_layernorm,
-            mlp_in_norm=block.pre_feedforward_layernorm,
-            gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
-            mlp_out_norm=block.post_feedforward_layernorm,
-            q_norm=attn.q_norm, k_norm=attn.k_norm,
-        )
+    def layer_norms(self, block) -> dict:
+        """Sandwich norms: before and after each branch."""
+        return {"attn_in_norm": block.input_layernorm,
+                "attn_out_norm": block.post_attention_layernorm,
+                "mlp_in_norm": block.pre_feedforward_layernorm,
+                "mlp_out_norm": block.post_feedforward_layernorm}

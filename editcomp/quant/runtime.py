@@ -286,15 +286,19 @@ def _unwrap(module) -> tuple[nn.Module, int | None]:
 
 def quantize_model(model: nn.Module, bits: BitsSpec, weights: dict | None = None,
                    skip=("lm_head",), qk_hadamard: bool | None = None,
-                   mse_clip: bool = False) -> nn.Module:
+                   mse_clip: bool = False, kind: str = "uniform") -> nn.Module:
     """Replace every decoder linear by a ``QuantLinear`` (in place) and return the model.
 
     ``weights``: module name -> ``(codes, scale, zero)`` (e.g. from GPTQ; ``(W_hat, ...)`` also
     accepted); linears without an entry are rounded to nearest. ``skip`` lists roles (``q`` ...
     ``down``, ``lm_head``) or module names to keep in float. ``HadamardInput`` / ``ActQuant``
     wrappers are absorbed. When ``bits.kv`` is set the KV cache is quantized too; ``qk_hadamard``
-    None keeps the model's current Q/K Hadamard setting (off if none).
+    None keeps the model's current Q/K Hadamard setting (off if none). ``kind`` picks the
+    registered ``QuantLinear`` subclass (``nupes``, ``nf4`` ...) that ``weights`` are for.
     """
+    if kind not in LINEAR_KINDS:
+        raise ConfigError(f"unknown quantized linear kind {kind!r}; known: "
+                          f"{', '.join(sorted(LINEAR_KINDS))}")
     from editcomp.quant.kvcache import enable_kv_quant, kv_settings
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -309,7 +313,7 @@ def quantize_model(model: nn.Module, bits: BitsSpec, weights: dict | None = None
         key = next((k for k in (name, names.get(id(linear))) if k in weights), None)
         if key is not None:
             used.add(key)
-        q = QuantLinear.from_float(linear, bits.weight, bits.act, hadamard_size=n,
+        q = LINEAR_KINDS[kind].from_float(linear, bits.weight, bits.act, hadamard_size=n,
                                    W_hat_codes=weights.get(key), mse_clip=mse_clip)
         if parts is None:
             replace_module(model, module, q)

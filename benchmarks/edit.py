@@ -1,0 +1,186 @@
+"""LAFN vs FT-L on BMIKE-53 zsRE: reliability, generality, locality, portability per language.
+
+Each case = the English record + one other language (de, fr, zh, es). Protocols:
+- single: edit one case (both languages), measure it, restore the weights; seconds per edit;
+- cross: edit with English only, measure both languages (does the edit cross over?);
+- batch: edit all cases of a language at once, measure, WikiText-2 perplexity before/after.
+Locality compares with the unedited model's own answers (``locality_reference``). Metrics are the
+teacher-forced token accuracy (acc) and greedy exact match (em) of ``editcomp.eval.edit_metrics``.
+
+    python benchmarks/edit.py --model gemma3-270m --langs de,zh --cases 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from editcomp import checkpoint  # noqa: E402
+from editcomp.arch import get_adapter  # noqa: E402
+from editcomp.data import load_facts, token_windows  # noqa: E402
+from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit  # noqa: E402
+from editcomp.eval import perplexity  # noqa: E402
+from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+
+def snapshot(model):
+    return [lp.down.weight.detach().clone() for lp in get_adapter(model).layers()]
+
+
+def restore(model, saved):
+    with torch.no_grad():
+        for lp, w in zip(get_adapter(model).layers(), saved):
+            lp.down.weight.copy_(w)
+
+
+def edit(method, model, tok, facts, langs, args):
+    if method == "lafn":
+        return lafn_edit(model, tok, facts, LAFNConfig(paraphrases=args.paraphrases), langs, progress=False)
+    return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
+
+
+class Tally:
+    """Sums per-language (acc, em) weighted by probe counts over many metric results."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, result: dict, langs):
+        for lang in langs:
+            for m in METRICS:
+                r = result[lang][m]
+                if r["n"]:
+                    s = self.sums.setdefault((lang, m), [0.0, 0.0, 0])
+                    s[0] += r["acc"] * r["n"]
+                    s[1] += r["em"] * r["n"]
+                    s[2] += r["n"]
+
+    def table(self, langs) -> dict:
+        out = {}
+        for lang in langs:
+            out[lang] = {}
+            for m in METRICS:
+                s = self.sums.get((lang, m))
+                out[lang][m] = ({"acc": s[0] / s[2], "em": s[1] / s[2], "n": s[2]} if s
+                                else {"acc": None, "em": None, "n": 0})
+        return out
+
+
+def run_lang(model, tok, lang, args, rows, windows, ppl_before):
+    path = DATA / "bmike53-zsre" / f"zsre_test_{lang}.json"
+    facts = load_facts(path, langs=["en", lang], limit=args.cases, skip_missing_langs=True)
+    langs = ["en", lang]
+    ref = locality_reference(model, tok, facts, langs, progress=False)
+    saved = snapshot(model)
+    for protocol in args.protocols:
+        for method in args.methods:
+            if protocol == "cross" and method != "lafn" and not args.cross_ftl:
+                continue
+            tally, secs, neurons = Tally(), [], []
+            t_all = time.time()
+            if protocol in ("single", "cross"):
+                train_langs = langs if protocol == "single" else ["en"]
+                for f in facts:
+                    t0 = time.time()
+                    rep = edit(method, model, tok, [f], train_langs, args)
+                    secs.append(time.time() - t0)
+                    if method == "lafn":
+                        neurons.append(rep["neurons"]["total"])
+                    tally.add(edit_metrics(model, tok, [f], langs, progress=False, reference=ref), langs)
+                    restore(model, saved)
+                ppl_after = None
+            else:
+                t0 = time.time()
+                rep = edit(method, model, tok, facts, langs, args)
+                secs.append(time.time() - t0)
+                if method == "lafn":
+                    neurons.append(rep["neurons"]["total"])
+                tally.add(edit_metrics(model, tok, facts, langs, progress=False, reference=ref), langs)
+                ppl_after = perplexity(model, windows)["ppl"] if windows is not None else None
+                restore(model, saved)
+            res = tally.table(langs)
+            for lg in langs:
+                rows.append({"model": args.model, "pair": f"en+{lang}", "protocol": protocol,
+                             "method": method, "lang": lg, "cases": len(facts),
+                             **{m: res[lg][m] for m in METRICS},
+                             "seconds_per_edit": sum(secs) / len(secs),
+                             "neurons_per_edit": sum(neurons) / len(neurons) if neurons else None,
+                             "ppl_before": ppl_before if protocol == "batch" else None,
+                             "ppl_after": ppl_after})
+            print(f"[{time.strftime('%H:%M:%S')}] {args.model} en+{lang} {protocol} {method}: "
+                  f"{time.time() - t_all:.0f} s  " + json.dumps({lg: {m: round(res[lg][m]['acc'], 3)
+                                                                     for m in METRICS if res[lg][m]['n']}
+                                                                for lg in langs}),
+                  file=sys.stderr, flush=True)
+            dump(rows, args)
+
+
+def fmt(v):
+    return "-" if v is None or v.get("acc") is None else f"{v['acc']:.2f}/{v['em']:.2f}"
+
+
+def dump(rows, args):
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2,
+                                         ensure_ascii=False) + "\n")
+
+
+def table(rows) -> str:
+    head = ("| model | pair | protocol | method | lang | cases | reliability | generality | locality "
+            "| portability | s/edit | neurons | ppl before -> after |")
+    out = [head, "|" + "---|" * 13]
+    for r in rows:
+        ppl = (f"{r['ppl_before']:.3f} -> {r['ppl_after']:.3f}" if r["ppl_after"] is not None else "")
+        neu = f"{r['neurons_per_edit']:.0f}" if r["neurons_per_edit"] is not None else ""
+        out.append(f"| {r['model']} | {r['pair']} | {r['protocol']} | {r['method']} | {r['lang']} "
+                   f"| {r['cases']} | {fmt(r['reliability'])} | {fmt(r['generality'])} "
+                   f"| {fmt(r['locality'])} | {fmt(r['portability'])} | {r['seconds_per_edit']:.1f} "
+                   f"| {neu} | {ppl} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--langs", default="de,fr,zh,es")
+    ap.add_argument("--cases", type=int, default=100, help="First N cases of each language file.")
+    ap.add_argument("--protocols", default="single,cross,batch")
+    ap.add_argument("--methods", default="lafn,ft-l")
+    ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
+    ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
+    ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.langs = [s for s in args.langs.split(",") if s]
+    args.protocols = [s for s in args.protocols.split(",") if s]
+    args.methods = [s for s in args.methods.split(",") if s]
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"edit_{args.model}.json")
+    torch.manual_seed(0)
+    t0 = time.time()
+    ck = checkpoint.load(args.model, device="cpu", dtype="fp32")
+    model, tok = ck.model, ck.tokenizer
+    windows = (token_windows(tok, DATA / "wikitext-2" / "test.txt", args.seq_len, args.ppl_windows)
+               if args.ppl_windows and "batch" in args.protocols else None)
+    ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
+    rows: list[dict] = []
+    for lang in args.langs:
+        run_lang(model, tok, lang, args, rows, windows, ppl_before)
+    args.wall_seconds = time.time() - t0
+    dump(rows, args)
+    print(table(rows))
+    print(f"\nwall time {args.wall_seconds:.0f} s; json: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

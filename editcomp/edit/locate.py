@@ -1,0 +1,219 @@
+"""Locate a fact's language-agnostic factual neurons (LAFN step 1-2).
+
+Every training prompt of a fact (each language x its prompt, given paraphrases and template
+paraphrases) is run once; at the last prompt token each FFN neuron's activation (the input of
+down_proj) is recorded through a forward pre-hook on every layer's ``down`` (found by the adapter).
+A neuron is a *candidate* for a prompt when its |activation| is in that layer's top ``top_frac``;
+the fact's neurons are the candidates of at least ``share`` of its prompts, across all languages
+(for multi-token targets also at the positions that predict the later target tokens).
+Neurons that are also candidates at ``generic_share`` of the positions of unrelated prompts fire
+for everything (massive-activation neurons) and are dropped: editing them would change unrelated
+answers.
+
+``editcomp edit ... --report FILE`` writes the location report (layer histogram, neurons per fact,
+overlap between languages) as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from editcomp.arch import get_adapter
+from editcomp.edit.prompts import TrainItem
+from editcomp.edit.runner import ModelRunner, right_pad
+from editcomp.errors import ConfigError
+
+
+@dataclass
+class LocateConfig:
+    """Thresholds of the location step."""
+    top_frac: float = 0.02       # a neuron is a candidate for a prompt if in its layer's top fraction
+    share: float = 0.9           # ... and a fact's neuron if a candidate for this share of its prompts
+    generic_share: float | None = 0.25  # drop candidates at this share of unrelated positions
+    max_neurons: int | None = 48  # per fact, the most consistent ones first (None: no cap)
+    min_layer: float = 0.5       # consider layers from this fraction of the depth on (the upper half:
+    #                              fewer layers to re-run per step; the lower half held generic neurons)
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if not 0 < self.top_frac <= 1:
+            raise ConfigError(f"top_frac must be in (0, 1], got {self.top_frac}")
+        if not 0 < self.share <= 1:
+            raise ConfigError(f"share must be in (0, 1], got {self.share}")
+        if self.generic_share is not None and not 0 < self.generic_share <= 1:
+            raise ConfigError(f"generic_share must be in (0, 1] or None, got {self.generic_share}")
+        if self.max_neurons is not None and self.max_neurons < 1:
+            raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
+        if not 0 <= self.min_layer < 1:
+            raise ConfigError(f"min_layer must be in [0, 1), got {self.min_layer}")
+
+
+def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[list[int]],
+                   batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """|activation| of every FFN neuron at the given positions of each sequence
+    -> ``[layers, sum(len(p) for p in positions), intermediate]`` (sequence order, then position)."""
+    layers = runner.adapter.layers()
+    out = [[] for _ in layers]
+    box: dict = {}
+
+    def make_hook(li):
+        def hook(mod, args):
+            out[li].append(args[0][box["rows"], box["cols"]].detach().abs().float().cpu())
+        return hook
+
+    handles = [lp.down.register_forward_pre_hook(make_hook(lp.index)) for lp in layers]
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, len(seqs), batch_size), desc="locate", unit="batch",
+                          disable=not progress, leave=False):
+                chunk = seqs[s:s + batch_size]
+                ids, mask = right_pad(chunk, runner.pad, runner.device)
+                rows = [i for i, pos in enumerate(positions[s:s + batch_size]) for _ in pos]
+                cols = [c for pos in positions[s:s + batch_size] for c in pos]
+                box["rows"] = torch.tensor(rows, device=runner.device)
+                box["cols"] = torch.tensor(cols, device=runner.device)
+                runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([torch.cat(o) for o in out])
+
+
+def last_token_activations(runner: ModelRunner, prompts: list[list[int]], batch_size: int = 16,
+                           progress: bool = False) -> torch.Tensor:
+    """|activation| of every FFN neuron at each prompt's last token -> ``[layers, n, intermediate]``."""
+    return activations_at(runner, prompts, [[len(p) - 1] for p in prompts], batch_size, progress)
+
+
+def generic_activations(runner: ModelRunner, prompts: list[list[int]], batch_size: int = 16
+                        ) -> torch.Tensor:
+    """Activations at every position of unrelated prompts: a neuron that is a candidate at many of
+    them fires on ordinary text (often hugely, at the first token) and must not be edited."""
+    return activations_at(runner, prompts, [list(range(len(p))) for p in prompts], batch_size)
+
+
+def item_activations(runner: ModelRunner, items: list[TrainItem], batch_size: int = 16,
+                     progress: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Activations at the last prompt token and at each position that predicts a later target token
+    -> (``[L, n_obs, I]``, ``[(item, target position), ...]``; position 0 = the last prompt token)."""
+    seqs = [list(it.prompt_ids) + list(it.target_ids[:-1]) for it in items]
+    positions = [[len(it.prompt_ids) - 1 + j for j in range(len(it.target_ids))] for it in items]
+    obs = [(i, j) for i, it in enumerate(items) for j in range(len(it.target_ids))]
+    return activations_at(runner, seqs, positions, batch_size, progress), obs
+
+
+def candidates(acts: torch.Tensor, top_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (candidate mask ``[L, n, I]``, |activation| / the layer's k-th largest, same shape)."""
+    k = max(1, int(round(top_frac * acts.shape[-1])))
+    top = acts.topk(k, dim=-1)
+    mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, top.indices, True)
+    kth = top.values[..., -1:].clamp_min(1e-12)
+    return mask, acts / kth
+
+
+def _shared(mask: torch.Tensor, share: float) -> torch.Tensor:
+    """Neurons that are candidates for at least ``share`` of the prompts: ``[L, n, I]`` -> ``[L, I]``."""
+    need = max(1, math.ceil(share * mask.shape[1] - 1e-9))
+    return mask.sum(1) >= need
+
+
+def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, config: LocateConfig,
+                   generic: torch.Tensor | None = None, obs: list[tuple[int, int]] | None = None
+                   ) -> tuple[list[dict[int, list[int]]], dict]:
+    """Per fact ``{layer: [neuron, ...]}`` from activations ``[L, n_obs, I]`` (``generic``: the
+    unrelated prompts' activations) and the location report.
+
+    ``obs`` names each observation ``(item, j)``: ``j = 0`` is the last prompt token (the LAFN rule,
+    across languages and paraphrases); ``j >= 1`` the position predicting target token ``j``, located
+    the same way over the pairs whose target is that long, so multi-token targets get the neurons
+    that carry their continuation too. Without ``obs`` each column is one item's last prompt token.
+    """
+    if obs is None:
+        obs = [(i, 0) for i in range(len(items))]
+    config.validate()
+    n_layers = acts.shape[0]
+    first = int(math.floor(config.min_layer * n_layers))
+    mask, rel = candidates(acts, config.top_frac)
+    mask[:first] = False
+    banned = torch.zeros(acts.shape[0], acts.shape[2], dtype=torch.bool)
+    if generic is not None and config.generic_share is not None and generic.shape[1]:
+        banned = _shared(candidates(generic, config.top_frac)[0], config.generic_share)
+    per_fact: list[dict[int, list[int]]] = []
+    fact_rows = []
+    overlap: dict[str, list[float]] = {}
+    for fi in range(n_facts):
+        idx = [k for k, (i, j) in enumerate(obs) if items[i].fact == fi and j == 0]
+        if not idx:
+            per_fact.append({})
+            fact_rows.append({"neurons": 0, "prompts": 0, "generic_dropped": 0})
+            continue
+        m = mask[:, idx]
+        sel = _shared(m, config.share)
+        n_first = int((sel & ~banned).sum())
+        score = m.float().mean(1) * 1000 + rel[:, idx].mean(1)  # consistency first, then strength
+        depth = max(j for i, j in obs if items[i].fact == fi)
+        for j in range(1, depth + 1):  # continuation positions of multi-token targets
+            jdx = [k for k, (i, jj) in enumerate(obs) if items[i].fact == fi and jj == j]
+            sel |= _shared(mask[:, jdx], config.share)
+            score = score.maximum(mask[:, jdx].float().mean(1) * 1000 + rel[:, jdx].mean(1))
+        dropped = int((sel & banned).sum())
+        sel &= ~banned
+        li, ni = sel.nonzero(as_tuple=True)
+        if config.max_neurons is not None and li.numel() > config.max_neurons:
+            keep = score[li, ni].topk(config.max_neurons).indices
+            li, ni = li[keep], ni[keep]
+        chosen: dict[int, list[int]] = {}
+        for a, b in sorted(zip(li.tolist(), ni.tolist())):
+            chosen.setdefault(a, []).append(b)
+        per_fact.append(chosen)
+        # languages: each one's own shared set, and how much the sets overlap
+        langs = list(dict.fromkeys(items[obs[k][0]].lang for k in idx))
+        sets = {}
+        for lang in langs:
+            li_ = [k for k in idx if items[obs[k][0]].lang == lang]
+            s = _shared(mask[:, li_], config.share) & ~banned
+            sets[lang] = set(map(tuple, s.nonzero().tolist()))
+        for a in range(len(langs)):
+            for b in range(a + 1, len(langs)):
+                sa, sb = sets[langs[a]], sets[langs[b]]
+                j = len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+                overlap.setdefault(f"{langs[a]}-{langs[b]}", []).append(j)
+        fact_rows.append({"neurons": int(li.numel()), "prompts": len(idx),
+                          "last_token_neurons": n_first,
+                          "per_lang": {lang: len(s) for lang, s in sets.items()},
+                          "generic_dropped": dropped,
+                          "layers": {str(k): len(v) for k, v in chosen.items()}})
+    hist = [0] * n_layers
+    for chosen in per_fact:
+        for layer, ns in chosen.items():
+            hist[layer] += len(ns)
+    counts = [r["neurons"] for r in fact_rows]
+    report = {
+        "config": asdict(config),
+        "layers": n_layers,
+        "layer_histogram": hist,
+        "neurons_total": sum(counts),
+        "neurons_per_fact": {"mean": sum(counts) / max(1, len(counts)), "min": min(counts, default=0),
+                             "max": max(counts, default=0)},
+        "facts_without_neurons": sum(1 for c in counts if c == 0),
+        "generic_neurons": int(banned.sum()),
+        "language_overlap_jaccard": {k: sum(v) / len(v) for k, v in overlap.items()},
+        "facts": fact_rows,
+    }
+    return per_fact, report
+
+
+def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: LocateConfig,
+           kl_prompts: list[list[int]] | None = None, progress: bool = False
+           ) -> tuple[list[dict[int, list[int]]], dict]:
+    """Run the training prompts (and unrelated prompts) and locate each fact's neurons."""
+    runner = ModelRunner(model, tokenizer)
+    acts, obs = item_activations(runner, items, config.batch_size, progress)
+    generic = generic_activations(runner, kl_prompts, config.batch_size) if kl_prompts else None
+    per_fact, report = locate_neurons(acts, items, n_facts, config, generic, obs)
+    report["model"] = get_adapter(model).describe()
+    return per_fact, report

@@ -1,0 +1,139 @@
+"""What an editor may train and locate on, and the unrelated prompts its KL term keeps unchanged.
+
+Training prompts come from a fact's own ``prompt`` and ``paraphrases`` (``FactLang``), plus ``n``
+template paraphrases per language. They never come from ``generality``/``locality``/``portability``:
+those are the evaluation probes (for BMIKE-53: ``rephrase``, ``loc``, ``port``), and training on them
+would make the numbers meaningless.
+
+Template paraphrases rewrite the *form* of the prompt, not its words: a question is wrapped as
+"Question: ... Answer:", "Q: ... A:", "... The answer is", "Answer the question. ..." (in the fact's
+language); a statement gets a short lead-in ("Fact: ..."). That keeps the subject and the relation
+intact without a model in the loop, and the lineage names the templates used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editcomp.data import Fact
+from editcomp.errors import DataError
+from editcomp.eval.edit_metrics import encode_prompt_target
+
+# {q}: the prompt. Question templates are for prompts ending with a question mark.
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "en": ("Question: {q}\nAnswer:", "{q} The answer is", "Q: {q}\nA:", "Answer the question. {q}"),
+    "de": ("Frage: {q}\nAntwort:", "{q} Die Antwort lautet", "F: {q}\nA:",
+           "Beantworte die Frage. {q}"),
+    "fr": ("Question : {q}\nRéponse :", "{q} La réponse est", "Q : {q}\nR :",
+           "Répondez à la question. {q}"),
+    "es": ("Pregunta: {q}\nRespuesta:", "{q} La respuesta es", "P: {q}\nR:",
+           "Responde a la pregunta. {q}"),
+    "zh": ("问题：{q}\n答案：", "{q}答案是", "问：{q}\n答：", "请回答问题。{q}"),
+    "*": ("Q: {q}\nA:", "{q}\n", "- {q}", "{q} :"),
+}
+STATEMENT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "en": ("Fact: {q}", "As everyone knows, {q}", "Note: {q}", "Trivia: {q}"),
+    "de": ("Fakt: {q}", "Bekanntlich gilt: {q}", "Hinweis: {q}", "Wissen: {q}"),
+    "fr": ("Fait : {q}", "Comme chacun sait, {q}", "Note : {q}", "Culture : {q}"),
+    "es": ("Dato: {q}", "Como todos saben, {q}", "Nota: {q}", "Curiosidad: {q}"),
+    "zh": ("事实：{q}", "众所周知，{q}", "注：{q}", "常识：{q}"),
+    "*": ("- {q}", "Fact: {q}", "Note: {q}", "* {q}"),
+}
+PARAPHRASE_SOURCE = ("templates: question wrappers (Question/Answer, Q/A, 'The answer is', "
+                     "'Answer the question.') or statement lead-ins (Fact:, Note:, ...) in the "
+                     "fact's language")
+
+# Unrelated prompts for the KL term: generic knowledge, disjoint from every facts file's probes.
+KL_PROMPTS: dict[str, tuple[str, ...]] = {  # questions and statements alternate
+    "en": ("Who wrote the novel Moby-Dick?", "The capital of France is",
+           "What language is spoken in Brazil?", "Water is made of hydrogen and",
+           "How many legs does a spider have?", "The largest planet in the solar system is",
+           "When did the Second World War end?", "The first president of the United States was"),
+    "de": ("Wer schrieb den Roman Moby-Dick?", "Die Hauptstadt von Frankreich ist",
+           "Welche Sprache spricht man in Brasilien?", "Wasser besteht aus Wasserstoff und",
+           "Wie viele Beine hat eine Spinne?", "Der größte Planet im Sonnensystem ist",
+           "Wann endete der Zweite Weltkrieg?", "Der erste Präsident der USA war"),
+    "fr": ("Qui a écrit le roman Moby-Dick ?", "La capitale de la France est",
+           "Quelle langue parle-t-on au Brésil ?", "L'eau est composée d'hydrogène et",
+           "Combien de pattes a une araignée ?", "La plus grande planète du système solaire est",
+           "Quand la Seconde Guerre mondiale s'est-elle terminée ?",
+           "Le premier président des États-Unis était"),
+    "es": ("¿Quién escribió la novela Moby-Dick?", "La capital de Francia es",
+           "¿Qué idioma se habla en Brasil?", "El agua está formada por hidrógeno y",
+           "¿Cuántas patas tiene una araña?", "El planeta más grande del sistema solar es",
+           "¿Cuándo terminó la Segunda Guerra Mundial?", "El primer presidente de Estados Unidos fue"),
+    "zh": ("谁写了小说《白鲸》？", "法国的首都是", "巴西说什么语言？", "水由氢和",
+           "蜘蛛有几条腿？", "太阳系中最大的行星是", "第二次世界大战何时结束？", "美国第一任总统是"),
+}
+
+
+def _base(lang: str) -> str:
+    return lang.lower().replace("_", "-").split("-")[0]
+
+
+def template_paraphrases(prompt: str, lang: str, n: int) -> list[str]:
+    """``n`` rewordings of the prompt's form in its language (the generic set for unknown ones)."""
+    if n <= 0:
+        return []
+    question = prompt.rstrip().endswith(("?", "？"))
+    table = QUESTION_TEMPLATES if question else STATEMENT_TEMPLATES
+    temps = table.get(_base(lang), table["*"])
+    return [temps[i % len(temps)].format(q=prompt) for i in range(n)]
+
+
+def kl_prompts_for(langs, extra: tuple[str, ...] | None = None, per_lang: int = 3) -> list[str]:
+    """Unrelated prompts in the edited languages (English for unknown ones), or ``extra`` if given."""
+    if extra:
+        return list(extra)
+    out: list[str] = []
+    for lang in dict.fromkeys(_base(lang) for lang in langs):
+        out += list(KL_PROMPTS.get(lang, KL_PROMPTS["en"])[:per_lang])
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One (prompt, target) pair an editor trains and locates on, tokenized."""
+    fact: int  # index into the facts list
+    lang: str
+    text: str  # the prompt
+    kind: str  # "prompt" | "paraphrase" | "template"
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+
+
+def target_field(fact: Fact, lang: str) -> str:
+    """The field that holds a language's target, as the facts file names it."""
+    return f"{lang}.alt" if fact.source.endswith("]") else f"langs.{lang}.target"
+
+
+def training_items(facts: list[Fact], tokenizer, langs=None, paraphrases: int = 0) -> list[TrainItem]:
+    """Every training pair: prompt + given paraphrases + ``paraphrases`` templates per fact/language.
+
+    A target that tokenizes to nothing (or cannot be split from its prompt) is a ``DataError`` naming
+    the fact's file, line and field; all are checked before anything runs.
+    """
+    items, problems = [], []
+    for fi, fact in enumerate(facts):
+        for lang in (langs or list(fact.langs)):
+            if lang not in fact.langs:
+                problems.append(f"{fact.source}: field '{lang}': language missing in fact {fact.case_id!r}")
+                continue
+            fl = fact.langs[lang]
+            if not tokenizer(fl.target, add_special_tokens=False)["input_ids"]:
+                problems.append(f"{fact.source}: field '{target_field(fact, lang)}': "
+                                f"target {fl.target!r} tokenizes to no tokens")
+                continue
+            texts = [(fl.prompt, "prompt")] + [(p, "paraphrase") for p in fl.paraphrases]
+            texts += [(p, "template") for p in template_paraphrases(fl.prompt, lang, paraphrases)]
+            for text, kind in texts:
+                try:
+                    p, t = encode_prompt_target(tokenizer, text, fl.target, lang)
+                except DataError as e:
+                    problems.append(f"{fact.source}: field '{target_field(fact, lang)}': {e}")
+                    continue
+                items.append(TrainItem(fi, lang, text, kind, tuple(p), tuple(t)))
+    if problems:
+        head = f"{len(problems)} problem(s) with the edit targets" if len(problems) > 1 else problems[0]
+        raise DataError(head if len(problems) == 1 else "\n".join([head] + problems[:50]))
+    return items

@@ -1,0 +1,258 @@
+"""Running a model for an editor: padded batches, logits at chosen positions only, and a prefix cache.
+
+Editors change FFN weights in layers ``>= start`` only, so the residual stream entering layer
+``start`` is the same at every optimisation step: ``TrainBatch.prepare`` computes it once and every step
+re-runs only the upper layers (lower layers are swapped for pass-through modules for the duration of
+the call). Logits are computed only where a loss needs them: a model with a 262k vocabulary would
+otherwise spend most of a step in the output projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+from torch import nn
+
+from editcomp.arch import get_adapter
+from editcomp.eval.perplexity import model_device
+
+
+def pad_id(tokenizer) -> int:
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def right_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids ``[B, T]``, attention mask ``[B, T]``), right-padded (every query sees itself)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer whose output is already in the cached residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _layer_list(adapter) -> nn.ModuleList:
+    """The ModuleList that holds the decoder layers, found by identity (no module names)."""
+    first = adapter.layer(0).module
+    for mod in adapter.decoder.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == adapter.num_layers and mod[0] is first:
+            return mod
+    raise RuntimeError("the decoder's layer list was not found")
+
+
+class ModelRunner:
+    """Forward passes over padded batches, returning logits only at the requested positions."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.adapter = model, get_adapter(model)
+        self.pad, self.device = pad_id(tokenizer), model_device(model)
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._layers = _layer_list(self.adapter)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states -> logits (with the family's final soft-capping, if any)."""
+        logits = self.adapter.lm_head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @contextlib.contextmanager
+    def _skip_below(self, start: int):
+        saved = [self._layers[i] for i in range(start)]
+        try:
+            for i in range(start):
+                self._layers[i] = _PassThrough()
+            yield
+        finally:
+            for i, mod in enumerate(saved):
+                self._layers[i] = mod
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0,
+               cached: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]``; with ``cached`` (the residual stream entering
+        layer ``start``) only layers ``>= start`` run."""
+        if cached is None or start == 0:
+            out = self.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state
+        with self._skip_below(start):
+            out = self.adapter.decoder(inputs_embeds=cached, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def layer_input(self, ids: torch.Tensor, mask: torch.Tensor, start: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-gradient pass -> (residual stream entering layer ``start``, for ``hidden(cached=)``;
+        final-normed hidden states)."""
+        box = {}
+
+        def grab(mod, args, kwargs):
+            box["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        h = self.adapter.layer(start).module.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                out = self.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            h.remove()
+        return box["h"], out.last_hidden_state
+
+
+def gather_positions(hidden: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """``hidden[rows[i], cols[i]]`` for every i -> ``[N, H]``."""
+    r = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+    c = torch.tensor(cols, dtype=torch.long, device=hidden.device)
+    return hidden[r, c]
+
+
+class TrainBatch:
+    """A padded batch of (prompt, target) sequences and unrelated (KL) prompts, with the positions
+    the losses read: each target token is predicted at the position before it; KL prompts are
+    compared at every position after their first token."""
+
+    def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
+                 kl_prompts: list[list[int]]):
+        seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
+        self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
+        self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
+        self.rows, self.cols, self.labels, self.owner = [], [], [], []
+        for i, (p, t) in enumerate(pairs):
+            for j, tok in enumerate(t):
+                self.rows.append(i)
+                self.cols.append(len(p) - 1 + j)
+                self.labels.append(int(tok))
+                self.owner.append(i)
+        # the last prompt token of every sequence (locating) and of every KL prompt
+        self.last = [len(p) - 1 for p, _ in pairs] + [len(p) - 1 for p in kl_prompts]
+        # KL at every position of the unrelated prompts (after the first token): the located
+        # neurons also fire inside ordinary text, not only at a question's last token
+        self.kl_rows = [len(pairs) + k for k, p in enumerate(kl_prompts) for _ in range(1, len(p))]
+        self.kl_cols = [c for p in kl_prompts for c in range(1, len(p))]
+        dev = runner.device
+        self.labels_t = torch.tensor(self.labels, dtype=torch.long, device=dev)
+        self.owner_t = torch.tensor(self.owner, dtype=torch.long, device=dev)
+        self.cached: torch.Tensor | None = None
+        self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
+
+    def losses(self, runner: ModelRunner, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (mean target NLL per pair ``[n_pairs]``, KL per KL-prompt position, target hit
+        per token ``[n_tokens]``), running layers ``>= start`` on the cached stream."""
+        h = runner.hidden(self.ids, self.mask, start, self.cached)
+        nll = h.new_zeros(self.n_pairs)
+        hits = torch.zeros(0, dtype=torch.bool)
+        if self.rows:
+            logits = runner.head(gather_positions(h, self.rows, self.cols))
+            tok_nll = torch.nn.functional.cross_entropy(logits, self.labels_t, reduction="none")
+            count = torch.zeros(self.n_pairs, device=h.device).index_add_(
+                0, self.owner_t, torch.ones_like(tok_nll))
+            nll = torch.zeros(self.n_pairs, device=h.device).index_add_(0, self.owner_t, tok_nll) / count
+            hits = (logits.argmax(-1) == self.labels_t).detach().cpu()
+        kl = h.new_zeros(len(self.kl_rows))
+        if self.kl_rows and self.kl_ref is not None:
+            logp = torch.log_softmax(runner.head(gather_positions(h, self.kl_rows, self.kl_cols)), -1)
+            kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1)
+        return nll, kl, hits
+
+    def prepare(self, runner: ModelRunner, start: int) -> None:
+        """Cache the residual stream entering ``start`` and the unedited KL distributions (one pass)."""
+        cached, h = runner.layer_input(self.ids, self.mask, start)
+        self.cached = cached if start > 0 else None
+        if self.kl_rows:
+            with torch.no_grad():
+                self.kl_ref = torch.log_softmax(
+                    runner.head(gather_positions(h, self.kl_rows, self.kl_cols)), -1).detach()
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """No parameter of ``model`` collects gradients for the block (editors train their own tensors)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
+                  kl_prompts: list[list[int]], batch_size: int) -> list[TrainBatch]:
+    """Pairs in chunks of ``batch_size`` (similar lengths together); every chunk carries the KL prompts."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [TrainBatch(runner, [pairs[i] for i in c], kl_prompts) for c in chunks]
+
+
+def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
+             steps: int, lr: float, kl_weight: float = 0.0, penalty=None, after_step=None,
+             stop_nll: float | None = None, progress: bool = False, desc: str = "edit") -> dict:
+    """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
+    batch, cycling; stops early once every target token is the argmax and the mean NLL is below
+    ``stop_nll`` (checked per round).
+
+    -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
+    is a ``NumericalError`` (the caller has written nothing yet).
+    """
+    from editcomp.errors import NumericalError
+
+    for b in batches:
+        b.prepare(runner, start)
+    opt = torch.optim.Adam(params, lr=lr)
+    last = [None] * len(batches)
+    hist = {"nll_start": None}
+    step = 0
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
+    try:
+        while step < steps:
+            for bi, b in enumerate(batches):
+                nll, kl, hits = b.losses(runner, start)
+                loss = nll.mean() + kl_weight * kl.mean() if kl.numel() else nll.mean()
+                pen = penalty() if penalty is not None else None
+                if pen is not None:
+                    loss = loss + pen
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"the edit loss became {loss.item()} at step {step}; "
+                                         f"nothing was written (lower the learning rate)")
+                last[bi] = (nll.detach().cpu(), kl.detach().cpu(), hits,
+                            float(pen.detach()) if pen is not None else 0.0)
+                if hist["nll_start"] is None and bi == len(batches) - 1:
+                    hist["nll_start"] = float(torch.cat([x[0] for x in last]).mean())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if after_step is not None:
+                    with torch.no_grad():
+                        after_step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}")
+                if step >= steps:
+                    break
+            done = all(x is not None for x in last)
+            if done and stop_nll is not None:
+                all_nll = torch.cat([x[0] for x in last])
+                if bool(torch.cat([x[2] for x in last]).all()) and float(all_nll.mean()) < stop_nll:
+                    break
+    finally:
+        bar.close()
+    # the state after the last update: one more no-gradient pass
+    with torch.no_grad():
+        ev = [b.losses(runner, start) for b in batches]
+    nll = torch.cat([e[0].cpu() for e in ev])
+    kl = torch.cat([e[1].cpu() for e in ev])
+    hits = torch.cat([e[2] for e in ev])
+    return {"steps": step, "nll_start": hist["nll_start"], "nll_end": float(nll.mean()),
+            "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
+            "token_acc_end": float(hits.float().mean()) if hits.numel() else None}

@@ -1,0 +1,432 @@
+"""OSTQuant: learned orthogonal and scaling transforms, trained with the KL-Top loss.
+
+Layout (METHODS.md): norms folded, lm_head untied; one residual rotation ``R_res`` (d x d), one
+``R_ov`` per KV head (head_dim x head_dim), smoothing scales ``S_qkv``, ``S_upgate``, ``S_ov``,
+``S_updown``, the online Hadamard on down_proj's input (R4) and, when the KV cache is
+quantized, the Q/K Hadamard after RoPE (R3). The transforms are trained so that the model with
+quantized activations / KV cache (and, for weight-only settings, quantized weights) matches
+the full-precision model's top-k next-token distribution, then fused into the weights with the
+functions of ``transforms.py``; the weights are then quantized by GPTQ (``pipeline``).
+
+Choices (named because the papers leave them open or we had to scale them to a CPU):
+
+* Orthogonality: ``R = R0 @ cayley(A)``, ``A`` skew-symmetric (``X - X^T``), Adam on ``X``,
+  ``R0`` a random Hadamard. The Cayley map gives an orthogonal matrix up to rounding at every
+  step, so nothing drifts and no retraction is needed, and a stack of per-head matrices is one
+  batched solve. (This is ``torch.nn.utils.parametrizations.orthogonal`` with the Cayley map
+  and a trivialization base, written out so that all layers' ``R_ov`` share one call.)
+* Scales: ``S = exp(log_s)``, ``log_s`` initialised at 0: always positive, multiplicative steps.
+* Forward: ``torch.func.functional_call`` on the unchanged HF model with the transformed weights
+  ``W' = f(W, R, S)`` built each step; the residual rotation of the embedding output and of
+  lm_head's input are two hooks (``x R`` and ``x R^T``: lm_head is not quantized and the unit
+  final norm commutes with ``R``), which avoids rotating the 49k x d vocab matrices every step.
+  When the weights stay float during training (W16A4, W16A8), ``R_res`` and the reader scales
+  act on the quantized activations instead (``_RotatedInput``): the same function with fewer
+  flops at CPU training lengths (SmolLM2-135M on the shared CPU: building all transformed
+  weights took 8-9 s per step; without the residual rotation and reader scales, 1.1-1.6 s,
+  while the activation rotations cost ``2 T d^2`` per reader group inside the forward).
+* Training windows: the calibration windows cut into ``train_seq_len`` pieces (attention cost
+  and per-step time grow with the length; 512 keeps a step to seconds on a CPU).
+* Teacher: its top-k log-probs on the training windows are computed once (fp16 values, int32
+  ids) before any transform, so no second model is kept in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from editcomp.arch import get_adapter
+from editcomp.errors import ConfigError, NumericalError
+from editcomp.quant.hadamard import apply_hadamard, hadamard_factors, random_hadamard
+from editcomp.quant.klloss import TopK, kl_top
+from editcomp.quant.kvcache import disable_kv_quant, enable_kv_quant
+from editcomp.quant.ops import fake_quant
+from editcomp.quant.runtime import add_act_quant
+from editcomp.quant.spec import BitsSpec
+from editcomp.quant.transforms import (HadamardInput, add_down_hadamard, fold_norms, rotate_ov,
+                                       rotate_residual, scale_ov, scale_qkv, scale_updown,
+                                       scale_upgate)
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class OSTQuantConfig:
+    """Training settings. Paper: 100-150 steps, lr 1e-2 (rotations) / 2e-3 (scales), top-1000,
+    128+ windows of 2048 tokens on a GPU. Defaults here are scaled to a 2-core CPU (fewer and
+    shorter training windows, fewer steps) so w4a4kv4 on SmolLM2-135M calibrates in minutes.
+
+    ``lr_rot`` is Adam's on the Cayley parameter, not the paper's Riemannian step: Adam moves
+    every entry of the d x d parameter by about ``lr`` at once, a rotation of about
+    ``2 lr sqrt(d)`` radians, so the paper's 1e-2 rotates SmolLM2's residual by ~0.5 rad per
+    step. Measured on SmolLM2-135M w4a4kv4 (KL-Top on one repeated window): 1e-2 rose from
+    0.49 to 0.76 in 6 steps, 2e-3 and 5e-4 to 0.54; 1e-4 (scales frozen) went 0.577 -> 0.546 in
+    4 steps; and 1e-3 over 11 steps on 4 cycling 512-token windows rose on every window
+    (0.40 -> 0.66, 0.38 -> 0.81, 0.58 -> 0.94). Hence 1e-4; the STE gradients of 4-bit
+    activations are noisy, and Adam's normalized steps turn that noise into large rotations."""
+
+    steps: int = 60
+    lr_rot: float = 1e-4
+    lr_scale: float = 2e-3
+    topk: int = 1000
+    train_windows: int = 32
+    train_seq_len: int = 512
+    batch: int = 1
+    seed: int = 0
+    learn_rotations: bool = True
+    learn_scales: bool = True
+    residual: bool | None = None  # None: rotate the residual stream unless the family forbids
+
+    def __post_init__(self):
+        for name in ("steps", "topk", "train_windows", "train_seq_len", "batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                raise ConfigError(f"ostquant {name} must be a positive integer, got {v!r}")
+        for name in ("lr_rot", "lr_scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ConfigError(f"ostquant {name} must be a finite number >= 0, got {v!r}")
+
+
+def _cayley(x: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``(I - A)^-1 (I + A)`` of the skew part ``A = (x - x^T) / 2`` (batched)."""
+    a = 0.5 * (x - x.transpose(-1, -2))
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(a)
+    return torch.linalg.solve(eye - a, eye + a)
+
+
+class OSTTransforms(nn.Module):
+    """The learnable transforms of one model and the functional weights they imply."""
+
+    def __init__(self, model: nn.Module, residual: bool, seed: int = 0):
+        super().__init__()
+        a = get_adapter(model)
+        self.adapter = a
+        L, d, kv, hd = a.num_layers, a.hidden_size, a.num_kv_heads, a.head_dim
+        device = a.embed.weight.device
+        g = torch.Generator().manual_seed(seed)
+        self.residual = residual
+        if residual:
+            self.register_buffer("r0_res", random_hadamard(d, g).float().to(device))
+            self.x_res = nn.Parameter(torch.zeros(d, d, device=device))
+        ov = [torch.stack([random_hadamard(hd, g) for _ in range(kv)]) for _ in range(L)]
+        self.register_buffer("r0_ov", torch.stack(ov).float().to(device))
+        self.x_ov = nn.Parameter(torch.zeros(L, kv, hd, hd, device=device))
+        self.log_s_qkv = nn.Parameter(torch.zeros(L, d, device=device))
+        self.log_s_upgate = nn.Parameter(torch.zeros(L, d, device=device))
+        self.log_s_ov = nn.Parameter(torch.zeros(L, kv * hd, device=device))
+        self.log_s_updown = nn.Parameter(torch.zeros(L, a.intermediate_size, device=device))
+
+    def rotation_parameters(self) -> list[nn.Parameter]:
+        return ([self.x_res] if self.residual else []) + [self.x_ov]
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [self.log_s_qkv, self.log_s_upgate, self.log_s_ov, self.log_s_updown]
+
+    def r_res(self) -> torch.Tensor | None:
+        return self.r0_res @ _cayley(self.x_res) if self.residual else None
+
+    def r_ov(self) -> torch.Tensor:
+        return self.r0_ov @ _cayley(self.x_ov)
+
+    # -- the transformed weights --------------------------------------------------------------
+    def layer_weights(self, parts, i: int, R, r_ov, w_spec=None,
+                      input_side: bool = True) -> dict[nn.Module, dict]:
+        """``{module: {"weight": W', "bias": b'}}`` of layer ``i`` (fp32 math, model dtype).
+
+        ``input_side=False`` leaves out ``R_res`` and ``S_qkv`` / ``S_upgate`` (and the norm
+        gains): ``_RotatedInput`` then applies them to the activations instead.
+        """
+        a = self.adapter
+        kv, hd, nh = a.num_kv_heads, a.head_dim, a.num_heads
+        s_qkv, s_ug = self.log_s_qkv[i].exp(), self.log_s_upgate[i].exp()
+        s_ov, s_ud = self.log_s_ov[i].exp(), self.log_s_updown[i].exp()
+        r = r_ov[i]
+        rq = r.repeat_interleave(nh // kv, dim=0)
+        sq = s_ov.view(kv, hd).repeat_interleave(nh // kv, dim=0).reshape(-1)
+        lin = {role: _raw(getattr(parts, role)) for role in ROLES}
+        W = {role: m.weight.float() for role, m in lin.items()}
+        B = {role: (None if m.bias is None else m.bias.float()) for role, m in lin.items()}
+
+        def reads(w, s):
+            if not input_side:
+                return w
+            return (w if R is None else w @ R) * s
+
+        def writes(w):
+            return w if (R is None or not input_side) else R.T @ w
+
+        out = {}
+        out["q"] = (reads(W["q"], s_qkv), B["q"])
+        out["k"] = (reads(W["k"], s_qkv), B["k"])
+        v = (r.transpose(1, 2) @ reads(W["v"], s_qkv).view(kv, hd, -1)).reshape(kv * hd, -1)
+        bv = None if B["v"] is None else (B["v"].view(kv, 1, hd) @ r).reshape(-1) / s_ov
+        out["v"] = (v / s_ov[:, None], bv)
+        wo = writes(W["o"])
+        wo = torch.einsum("ohi,hij->ohj", wo.view(wo.shape[0], nh, hd), rq).reshape(wo.shape[0], -1)
+        out["o"] = (wo * sq, None if B["o"] is None else writes(B["o"][:, None])[:, 0])
+        out["gate"] = (reads(W["gate"], s_ug), B["gate"])
+        out["up"] = (reads(W["up"], s_ug) / s_ud[:, None],
+                     None if B["up"] is None else B["up"] / s_ud)
+        wd = apply_hadamard(writes(W["down"]) * s_ud, a.intermediate_size)
+        out["down"] = (wd, None if B["down"] is None else writes(B["down"][:, None])[:, 0])
+        res = {}
+        for role, (w, b) in out.items():
+            if w_spec is not None:
+                w = fake_quant(w, w_spec)
+            res[lin[role]] = {"weight": w.to(lin[role].weight.dtype)}
+            if b is not None:
+                res[lin[role]]["bias"] = b.to(lin[role].bias.dtype)
+        off = a.norm_offset
+        for norm, s in ((parts.attn_in_norm, s_qkv), (parts.mlp_in_norm, s_ug)):
+            if input_side:
+                res[norm] = {"weight": (1.0 / s - off).to(norm.weight.dtype)}
+        return res
+
+    def functional_params(self, layers, names: dict[int, str], w_spec=None,
+                          input_side: bool = True):
+        """Name -> tensor for ``functional_call``, and the residual rotation (or None)."""
+        R, r_ov = self.r_res(), self.r_ov()
+        params = {}
+        for i, parts in enumerate(layers):
+            for mod, tensors in self.layer_weights(parts, i, R, r_ov, w_spec,
+                                                   input_side).items():
+                for k, t in tensors.items():
+                    params[f"{names[id(mod)]}.{k}"] = t
+        return params, R
+
+    # -- fusing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self, model: nn.Module) -> None:
+        """Write the current transforms into ``model``'s (folded, unwrapped) weights in place,
+        through ``transforms.py``: residual rotation, OV rotations, scales, online down Hadamard."""
+        a = get_adapter(model)
+        if self.residual:
+            rotate_residual(model, self.r_res().double())
+        r_ov = self.r_ov().double()
+        rotate_ov(model, list(r_ov))
+        for i, p in enumerate(a.layers()):
+            scale_qkv(a, p, self.log_s_qkv[i].double().exp())
+            scale_upgate(a, p, self.log_s_upgate[i].double().exp())
+            scale_ov(a, p, self.log_s_ov[i].double().exp())
+            scale_updown(a, p, self.log_s_updown[i].double().exp())
+        add_down_hadamard(model)
+
+
+def _raw(module: nn.Module) -> nn.Module:
+    """The nn.Linear inside an ActQuant / HadamardInput wrapper (or the module itself)."""
+    while hasattr(module, "linear") and isinstance(module.linear, nn.Module):
+        module = module.linear
+    return module
+
+
+def training_windows(calib: torch.Tensor, seq_len: int, limit: int) -> torch.Tensor:
+    """Cut ``calib [n, L]`` into windows of ``seq_len`` tokens (at most ``limit`` of them)."""
+    n, L = calib.shape
+    if L < seq_len:
+        return calib[:limit]
+    per = L // seq_len
+    return calib[:, : per * seq_len].reshape(n * per, seq_len)[:limit]
+
+
+@torch.no_grad()
+def teacher_cache(model: nn.Module, windows: torch.Tensor, k: int, progress: bool = True) -> TopK:
+    """Top-``k`` full-vocab log-probs of ``model`` on ``windows`` (fp16 values, int32 ids)."""
+    device = next(model.parameters()).device
+    vals, idx = [], []
+    for ids in tqdm(windows.split(1), desc="ostquant teacher", unit="win", disable=not progress,
+                    leave=False):
+        logits = model(input_ids=ids.to(device), use_cache=False).logits.float()
+        if not torch.isfinite(logits).all():
+            raise NumericalError("the full-precision model's logits contain NaN/Inf on the "
+                                 "calibration windows; nothing was written")
+        logp = torch.log_softmax(logits, -1)
+        v, i = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        vals.append(v.half())
+        idx.append(i.int())
+    return TopK(torch.cat(vals), torch.cat(idx))
+
+
+class _RotatedInput(nn.Module):
+    """Training-time reader of the norm output ``x`` (q/k/v, gate/up) with float weights:
+    ``linear(fq(x R / S) * S R^T)``, which equals ``fq(x') W'^T`` for the fused ``x' = x R / S``
+    and ``W' = W R diag(S)`` without rotating the weights.
+
+    Rotating ``T`` tokens costs ``T d^2`` where rotating the readers' weights costs
+    ``(3 d + 2 d_ff) d^2`` per layer (plus the same again for the writers), several times more
+    at the training lengths used on a CPU. Readers of one norm get the same tensor, so the
+    transformed input is computed once and reused (``shared`` holds the last one).
+    """
+
+    def __init__(self, linear: nn.Module, act_spec, get, shared: dict):
+        super().__init__()
+        self.linear, self.act_spec, self.get, self.shared = linear, act_spec, get, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared.get("x") is not x:
+            R, s = self.get()
+            z = x.float() if R is None else x.float() @ R
+            z = fake_quant(z / s, self.act_spec) * s
+            z = z if R is None else z @ R.T
+            self.shared.update(x=x, z=z.to(x.dtype))
+        return self.linear(self.shared["z"])
+
+
+class _Training:
+    """Installs the training-time wrappers/hooks on the model and removes them afterwards.
+
+    With float weights and quantized activations the residual rotation and the reader scales
+    act on the activations (``_RotatedInput``); with fake-quantized weights (weight-only
+    settings) they are built into the weights and two hooks rotate the embedding output and
+    un-rotate lm_head's input.
+    """
+
+    def __init__(self, model, bits: BitsSpec, transforms: OSTTransforms,
+                 w_spec=None, input_side: bool | None = None):
+        self.model, self.bits, self.t, self.w_spec = model, bits, transforms, w_spec
+        self.a = get_adapter(model)
+        self.raw = [{role: getattr(p, role) for role in ROLES} for p in self.a.layers()]
+        self.hooks = []
+        self.R = None
+        self.input_side = (w_spec is not None or bits.act is None) if input_side is None \
+            else (input_side or bits.act is None)
+
+    def __enter__(self):
+        a = self.a
+        for p in a.layers():
+            p.replace("down", HadamardInput(p.down, a.intermediate_size))
+        if self.bits.act is not None:
+            add_act_quant(self.model, self.bits.act)
+        if self.bits.kv is not None:
+            enable_kv_quant(self.model, self.bits.kv, qk_hadamard=True)
+        if not self.input_side:
+            for i, p in enumerate(a.layers()):
+                for roles, log_s in ((("q", "k", "v"), self.t.log_s_qkv),
+                                     (("gate", "up"), self.t.log_s_upgate)):
+                    shared = {}
+                    for role in roles:
+                        get = (lambda ls=log_s, i=i: (self.R, ls[i].exp()))
+                        p.replace(role, _RotatedInput(_raw(getattr(p, role)), self.bits.act,
+                                                      get, shared))
+        elif self.t.residual:
+            self.hooks.append(a.embed.register_forward_hook(
+                lambda m, args, out: out @ self.R.to(out.dtype)))
+            self.hooks.append(a.lm_head.register_forward_pre_hook(
+                lambda m, args: (args[0] @ self.R.T.to(args[0].dtype),)))
+        self.names = {id(m): n for n, m in self.model.named_modules()}
+        self.requires_grad = {id(p): p.requires_grad for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        disable_kv_quant(self.model)
+        for p, raw in zip(self.a.layers(), self.raw):
+            for role, lin in raw.items():
+                if getattr(p, role) is not lin:
+                    p.replace(role, lin)
+        for p in self.model.parameters():
+            p.requires_grad_(self.requires_grad.get(id(p), True))
+        return False
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        params, self.R = self.t.functional_params(self.a.layers(), self.names, self.w_spec,
+                                                  self.input_side)
+        out = torch.func.functional_call(self.model, params, args=(),
+                                         kwargs={"input_ids": ids, "use_cache": False},
+                                         strict=False)
+        return out.logits
+
+
+def ostquant_transform(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig,
+                       calib: torch.Tensor, progress: bool = True) -> dict:
+    """Learn OSTQuant's transforms on ``calib [n, L]`` and fuse them into ``model`` (in place).
+
+    The model stays full precision (with an online Hadamard on down_proj); the caller quantizes
+    the weights (GPTQ) and enables activation / KV quantization with the Q/K Hadamard. A NaN or
+    Inf loss raises ``NumericalError`` naming the step (nothing is written by this function).
+    """
+    a = get_adapter(model)
+    blocker = a.residual_rotation_blocker
+    if config.residual and blocker:
+        raise ConfigError(f"ostquant cannot rotate the residual stream of a {a.family} model: "
+                          f"{blocker}")
+    residual = (blocker is None) if config.residual is None else bool(config.residual)
+    hadamard_factors(a.intermediate_size)  # unsupported sizes fail before any change
+    hadamard_factors(a.head_dim)
+    if residual:
+        hadamard_factors(a.hidden_size)
+    device = next(model.parameters()).device
+    t0 = time.time()
+    wins = training_windows(calib, config.train_seq_len, config.train_windows)
+    teacher = teacher_cache(model, wins, config.topk, progress) if config.steps else None
+    t_teacher = time.time() - t0
+
+    fold_norms(model)
+    t = OSTTransforms(model, residual, seed=config.seed)
+    groups = []
+    if config.learn_rotations:
+        groups.append({"params": t.rotation_parameters(), "lr": config.lr_rot})
+    if config.learn_scales:
+        groups.append({"params": t.scale_parameters(), "lr": config.lr_scale})
+    # weight-only settings: the weights are the only error, so train against quantized weights
+    w_spec = bits.weight if bits.act is None and bits.kv is None else None
+    losses = []
+    if config.steps and groups:
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
+        gen = torch.Generator().manual_seed(config.seed)
+        order = itertools.cycle(torch.randperm(len(wins), generator=gen).split(config.batch))
+        with _Training(model, bits, t, w_spec) as tr:
+            bar = tqdm(range(config.steps), desc="ostquant", unit="step", disable=not progress)
+            for step in bar:
+                sel = next(order)
+                logits = tr.logits(wins[sel].to(device))
+                loss = kl_top(logits, TopK(teacher.logp[sel].to(device),
+                                           teacher.idx[sel].to(device)))
+                if not torch.isfinite(loss):
+                    raise NumericalError(f"ostquant: the KL-Top loss is {loss.item()} at step "
+                                         f"{step + 1} of {config.steps}; nothing was written "
+                                         "(try a lower --lr-rot / --lr-scale)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    t.fuse(model)
+    return {"ostquant": asdict(config), "residual_rotation": residual,
+            "train_windows": int(wins.shape[0]), "train_seq_len": int(wins.shape[1]),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None, "losses": losses,
+            "teacher_seconds": round(t_teacher, 1), "train_seconds": round(time.time() - t0, 1),
+            **({"note": f"no residual rotation: {blocker}"} if not residual and blocker else {})}
+
+
+def ostquant(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig, calib: torch.Tensor,
+             damp: float = 0.01, progress: bool = True) -> dict:
+    """The whole method: learned transforms (``ostquant_transform``), then GPTQ weights (MSE
+    clip search, ``damp``) and the quantized runtime (lm_head in full precision; the Q/K
+    Hadamard when the KV cache is quantized). Returns the report."""
+    from editcomp.quant.runtime import quantize_model
+    from editcomp.quant.weights import gptq_weights
+
+    report = ostquant_transform(model, bits, config, calib, progress)
+    device = next(model.parameters()).device
+    codes = gptq_weights(model, bits.weight, calib.to(device), damp=damp, mse_clip=True,
+                         progress=progress)
+    quantize_model(model, bits, weights=codes, qk_hadamard=bits.kv is not None)
+    return report
+
+
+__all__ = ["OSTQuantConfig", "OSTTransforms", "ostquant_transform", "ostquant",
+           "training_windows", "teacher_cache"]

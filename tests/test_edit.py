@@ -1,0 +1,250 @@
+"""LAFN and FT-L on tiny models: locating finds a planted neuron, edits take, and nothing else moves."""
+
+import copy
+
+import pytest
+import torch
+
+from editcomp.arch import get_adapter
+from editcomp.data import load_facts
+from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
+from editcomp.edit.prompts import kl_prompts_for, template_paraphrases, training_items
+from editcomp.edit.runner import ModelRunner, gather_positions, right_pad
+from editcomp.errors import DataError
+from editcomp.eval.edit_metrics import edit_metrics
+from editcomp.tiny import tiny_model as _tiny_model
+
+from conftest import EXAMPLE_FACTS
+
+VOCAB = 1024  # conftest's tiny_tokenizer vocabulary (at most)
+
+
+def tiny_model(family="llama"):
+    return _tiny_model(family, vocab_size=VOCAB)
+
+LANGS = ["en", "de"]
+NEURON = 77
+SCALE = 5.0
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer):
+    """conftest's tokenizer: trained on the example facts, so their targets are whole tokens."""
+    return tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def fact():
+    """Statue of Liberty -> London: the same target word in en and de."""
+    return load_facts(EXAMPLE_FACTS, langs=LANGS, limit=1, offset=1)
+
+
+def mlp_inputs(model, tokenizer, prompts, layer, every_position=False):
+    """The layer's FFN input at each prompt's last token (or every position) -> ``[n, hidden]``."""
+    runner = ModelRunner(model, tokenizer)
+    box = []
+    lp = get_adapter(model).layer(layer)
+    h = lp.gate.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()))
+    try:
+        ids, mask = right_pad(prompts, runner.pad, runner.device)
+        with torch.no_grad():
+            runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        h.remove()
+    if every_position:
+        return torch.cat([box[0][i, :len(p)] for i, p in enumerate(prompts)])
+    return box[0][torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])]
+
+
+def confident(model):
+    """Scale the (tied) output embeddings so the tiny model can be confident at all: with the init's
+    std 0.02 no next token can get more than a few percent, whatever the hidden state."""
+    with torch.no_grad():
+        get_adapter(model).lm_head.weight.mul_(SCALE)
+    return model
+
+
+def planted(tokenizer, facts, family="llama"):
+    """A tiny model whose last-layer neuron NEURON fires (pre-activation 6) at the last token of
+    every training prompt of the fact, in every language, and is silent on the unrelated prompts
+    (at every position)."""
+    model = confident(tiny_model(family))
+    items = training_items(facts, tokenizer, LANGS, paraphrases=2)
+    kl = [tokenizer(t)["input_ids"] for t in kl_prompts_for(LANGS, per_lang=1)]
+    last = get_adapter(model).num_layers - 1
+    x_kl = mlp_inputs(model, tokenizer, kl, last, every_position=True)
+    x = torch.cat([mlp_inputs(model, tokenizer, [list(it.prompt_ids) for it in items], last), x_kl])
+    want = torch.cat([torch.full((len(items),), 6.0), torch.zeros(len(x_kl))])
+    d = torch.linalg.pinv(x) @ want  # x @ d = want: exact, fewer rows than hidden units
+    lp = get_adapter(model).layer(last)
+    with torch.no_grad():
+        lp.gate.weight[NEURON] = d
+        lp.up.weight[NEURON] = d
+    return model, items, kl, last
+
+
+def test_truncated_forward_equals_the_full_model(tok):
+    for family in ("llama", "gemma3"):
+        model = tiny_model(family)
+        runner = ModelRunner(model, tok)
+        seqs = [tok("The capital of France is Paris")["input_ids"], tok("日本的首都是")["input_ids"]]
+        ids, mask = right_pad(seqs, runner.pad, runner.device)
+        full = model(input_ids=ids, attention_mask=mask).logits
+        cached, h = runner.layer_input(ids, mask, 1)
+        rows, cols = [0, 0, 1], [1, len(seqs[0]) - 1, len(seqs[1]) - 1]
+        ours = runner.head(gather_positions(runner.hidden(ids, mask, 1, cached), rows, cols))
+        torch.testing.assert_close(ours, full[rows, cols], rtol=1e-5, atol=1e-5)
+
+
+def test_templates_keep_the_prompt_and_follow_the_language():
+    q = template_paraphrases("Wann wurde X gegründet?", "de", 3)
+    assert len(q) == 3 and all("Wann wurde X gegründet?" in p for p in q) and q[0].startswith("Frage")
+    assert template_paraphrases("The Eiffel Tower is in", "en", 1) == ["Fact: The Eiffel Tower is in"]
+    assert template_paraphrases("x?", "xx", 0) == []
+
+
+def test_training_items_never_use_the_evaluation_probes(tok, fact):
+    items = training_items(fact, tok, LANGS, paraphrases=2)
+    texts = {it.text for it in items}
+    fl = fact[0].langs["en"]
+    probes = set(fl.generality) | {p.prompt for p in fl.locality} | {p.prompt for p in fl.portability}
+    assert texts.isdisjoint(probes)
+    assert fl.prompt in texts and set(fl.paraphrases) <= texts
+    # per language: prompt + given paraphrases + 2 templates
+    assert len(items) == sum(1 + len(fact[0].langs[lang].paraphrases) + 2 for lang in LANGS)
+
+
+def test_locating_finds_the_planted_neuron(tok, fact):
+    model, items, kl, last = planted(tok, fact)
+    cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1)
+    per_fact, report = locate(model, tok, items, 1, cfg, kl_prompts=kl)
+    assert per_fact == [{last: [NEURON]}]
+    assert report["layer_histogram"][last] == 1 and report["neurons_total"] == 1
+    assert report["facts"][0]["per_lang"]["en"] >= 1
+    assert 0 < report["language_overlap_jaccard"]["en-de"] <= 1
+    # without planting, that neuron is not a shared candidate of the fact
+    clean, _ = locate(tiny_model("llama"), tok, items, 1,
+                      LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=None),
+                      kl_prompts=kl)
+    assert NEURON not in clean[0].get(last, [])
+
+
+def test_a_neuron_firing_on_unrelated_prompts_too_is_dropped(tok, fact):
+    model, items, kl, last = planted(tok, fact)
+    lp = get_adapter(model).layer(last)
+    with torch.no_grad():  # make it fire for everything: a constant-direction neuron
+        x = mlp_inputs(model, tok, kl, last)
+        d = torch.linalg.pinv(x) @ torch.full((len(kl),), 6.0)
+        lp.gate.weight[NEURON + 1] = d
+        lp.up.weight[NEURON + 1] = d
+    per_fact, report = locate(model, tok, items, 1, LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0), kl)
+    assert NEURON in per_fact[0][last] and NEURON + 1 not in per_fact[0][last]
+    assert report["generic_neurons"] >= 1
+
+
+def last_logprobs(model, tok, seqs):
+    runner = ModelRunner(model, tok)
+    ids, mask = right_pad(seqs, runner.pad, runner.device)
+    with torch.no_grad():
+        h = runner.hidden(ids, mask)
+        return torch.log_softmax(runner.head(gather_positions(h, list(range(len(seqs))),
+                                                              [len(s) - 1 for s in seqs])), -1)
+
+
+def kl_div(ref, new):
+    return (ref.exp() * (ref - new)).sum(-1)
+
+
+def test_the_kl_term_keeps_unrelated_prompts(tok, fact):
+    model, items, kl, last = planted(tok, fact)
+    ref = last_logprobs(model, tok, kl)
+    moved = []
+    for weight in (0.0, 10.0):
+        m = copy.deepcopy(model)
+        cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=30, lr=2.0, norm_weight=0.0,
+                         kl_weight=weight)
+        lafn_edit(m, tok, fact, cfg, LANGS, progress=False)
+        moved.append(float(kl_div(ref, last_logprobs(m, tok, kl)).mean()))
+    assert moved[1] < 0.6 * moved[0]
+
+
+def _target_nll(model, tok, items):
+    runner = ModelRunner(model, tok)
+    out = []
+    with torch.no_grad():
+        for it in items:
+            ids, mask = right_pad([list(it.prompt_ids) + list(it.target_ids)], runner.pad, runner.device)
+            h = runner.hidden(ids, mask)
+            p = len(it.prompt_ids)
+            logits = runner.head(h[0, p - 1:p - 1 + len(it.target_ids)])
+            out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(it.target_ids))))
+    return sum(out) / len(out)
+
+
+def test_lafn_edit_takes_and_only_located_columns_change(tok, fact):
+    model, items, kl, last = planted(tok, fact)
+    before = copy.deepcopy(model.state_dict())
+    nll0 = _target_nll(model, tok, items)
+    m0 = edit_metrics(model, tok, fact, LANGS, progress=False)
+    # a random tiny model's activations are small, so its deltas must be large: no norm penalty here
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, share=0.9, generic_share=None),
+                     steps=80, lr=2.0,
+                     norm_weight=0.0, kl_weight=2.0)
+    report = lafn_edit(model, tok, fact, cfg, LANGS, progress=False)
+    m1 = edit_metrics(model, tok, fact, LANGS, progress=False)
+    assert _target_nll(model, tok, items) < 0.5 * nll0
+    for lang in LANGS:
+        assert m0[lang]["reliability"]["em"] == 0.0 and m1[lang]["reliability"]["em"] == 1.0
+    # locality on the tiny random model is not asserted here: its neurons fire everywhere and the
+    # en probe ("The capital of Japan is") flips to the edit's first token; see the KL test below
+    # only located down_proj columns changed, every other weight is bit-identical
+    changed = {}
+    for name, w in model.state_dict().items():
+        if not torch.equal(w, before[name]):
+            changed[name] = (w != before[name])
+    hist = report["neurons"]["layer_histogram"]
+    downs = {f"model.layers.{i}.mlp.down_proj.weight": i for i in range(len(hist))}  # the tiny model's names
+    assert changed and set(changed) <= set(downs)
+    for name, diff in changed.items():
+        cols = diff.any(0).nonzero().flatten().tolist()
+        assert 0 < len(cols) <= hist[downs[name]]
+    assert report["neurons"]["total"] == sum(hist) > 0
+    assert report["losses"]["nll_end"] < report["losses"]["nll_start"]
+
+
+def test_sequential_edits_each_fact(tok):
+    facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        get_adapter(model).lm_head.weight.mul_(SCALE)
+    report = lafn_edit(model, tok, facts, LAFNConfig(sequential=True, steps=40, lr=2.0, norm_weight=0.0,
+                                                     locate=LocateConfig(min_layer=0.0, top_frac=0.05)),
+                       ["en"], progress=False)
+    assert report["mode"] == "sequential" and len(report["locate"]["facts"]) == 2
+    m = edit_metrics(model, tok, facts, ["en"], progress=False)
+    assert m["en"]["reliability"]["acc"] >= 0.5
+
+
+def test_ftl_changes_only_its_layer_within_the_constraint(tok, fact):
+    model = tiny_model("gemma3")
+    before = copy.deepcopy(model.state_dict())
+    report = ftl_edit(model, tok, fact, FTLConfig(layer=0, lr=1e-2, steps=5, norm_constraint=1e-3),
+                      LANGS, progress=False)
+    changed = [n for n, w in model.state_dict().items() if not torch.equal(w, before[n])]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert changed == [name]
+    assert (model.state_dict()[name] - before[name]).abs().max() <= 1e-3 + 1e-7
+    assert report["layer"] == 0 and report["losses"]["nll_end"] < report["losses"]["nll_start"]
+    assert FTLConfig().resolve_layer(18) == 12 and FTLConfig().resolve_layer(30) == 20
+
+
+def test_a_target_that_tokenizes_to_nothing_names_file_line_and_field(tok, tmp_path):
+    from tokenizers import normalizers
+
+    stripping = copy.deepcopy(tok)
+    stripping.backend_tokenizer.normalizer = normalizers.Replace("§", "")
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"case_id": "a", "langs": {"en": {"prompt": "The sign is", "target": "§"}}}\n')
+    facts = load_facts(path)
+    with pytest.raises(DataError, match=r"f\.jsonl:1: field 'langs\.en\.target': target '§' tokenizes to no"):
+        training_items(facts, stripping)

@@ -1,0 +1,105 @@
+"""``editcomp edit``: a loadable checkpoint with lineage, and one-line errors before anything is written."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from editcomp import checkpoint
+from editcomp.data import facts_sha256
+from editcomp.tiny import tiny_model
+
+from conftest import EXAMPLE_FACTS
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from editcomp.cli import cli
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
+    out = tmp_path_factory.mktemp("edit") / "tiny"
+    return checkpoint.save(tiny_model("llama", vocab_size=1024), tiny_tokenizer, out,
+                           checkpoint.lineage_entry("test", {"why": "edit cli"}))
+
+
+def one_line_error(res, *needles):
+    assert res.exit_code == 1
+    # transformers' weight-loading bar may precede it; the error itself is one line
+    lines = [line for line in res.stderr.strip().splitlines()
+             if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1, res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("method", ["lafn", "ft-l"])
+def test_edit_writes_a_loadable_checkpoint_with_lineage(tiny_ckpt, tmp_path, method):
+    out, rep = tmp_path / "edited", tmp_path / "neurons.json"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--method", method,
+                  "--langs", "en,de", "--limit", "2", "--offset", "1", "--paraphrases", "1",
+                  "--report", rep, "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["facts"] == 2 and set(result["edit"]) == {"en", "de", "mean"}
+    ck = checkpoint.load(out)
+    last = ck.lineage["history"][-1]
+    assert last["op"] == "edit" and last["config"]["method"] == method
+    assert last["facts"]["sha256"] == facts_sha256(EXAMPLE_FACTS) and last["facts"]["count"] == 2
+    assert "templates" in last["paraphrase_source"]
+    assert last["metrics"]["edit"]["mean"]["reliability"]["n"] == 4
+    base = checkpoint.load(tiny_ckpt)
+    diff = [n for n, w in ck.model.state_dict().items() if not torch.equal(w, base.model.state_dict()[n])]
+    assert all("down_proj" in n for n in diff)
+    if method == "lafn":  # the defaults may locate nothing in a random 2-layer model: then nothing moves
+        assert bool(diff) == (last["metrics"]["neurons"]["total"] > 0)
+        report = json.loads(rep.read_text())
+        assert len(report["layer_histogram"]) == 2 and "en-de" in report["language_overlap_jaccard"]
+    else:
+        assert diff and not rep.exists()
+    # --out exists: refused without --force, replaced with it
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--limit", "1"),
+                   "already exists")
+
+
+def _bad(tmp_path, text, name="f.jsonl"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("content,needles", [
+    ('{"case_id": "a", "langs": {"en": {"prompt": "The sky is"}}}\n',
+     ["f.jsonl:1", "langs.en.target", "missing"]),
+    ('{"case_id": "a", "langs": {"en": {"prompt": "The sky is", "target": "green"}}}\n'
+     '{"case_id": "b", "langs": {"de": {"prompt": "Der Himmel ist", "target": "grün"}}}\n',
+     ["f.jsonl:2", "langs.en", "language missing"]),
+    ("\n\n", ["f.jsonl", "empty"]),
+])
+def test_bad_facts_fail_in_one_line_and_write_nothing(tiny_ckpt, tmp_path, content, needles):
+    out = tmp_path / "out"
+    res = run_cli("edit", _bad(tmp_path, content), "--model", tiny_ckpt, "--out", out, "--langs", "en")
+    one_line_error(res, *needles)
+    assert not out.exists()
+
+
+def test_a_target_that_tokenizes_to_nothing(tiny_ckpt, tmp_path, tiny_tokenizer):
+    from tokenizers import normalizers
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.normalizer = normalizers.Replace("§", "")
+    ck = checkpoint.save(checkpoint.load(tiny_ckpt).model, tok, tmp_path / "ck",
+                         checkpoint.lineage_entry("test"))
+    facts = _bad(tmp_path, '{"case_id": "a", "langs": {"en": {"prompt": "The sign is", "target": "ok"}}}\n'
+                           '{"case_id": "b", "langs": {"en": {"prompt": "The mark is", "target": "§"}}}\n')
+    out = tmp_path / "out"
+    one_line_error(run_cli("edit", facts, "--model", ck, "--out", out),
+                   "f.jsonl:2", "langs.en.target", "tokenizes to no tokens")
+    assert not out.exists()

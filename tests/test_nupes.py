@@ -1,0 +1,338 @@
+"""NUPES: the power-exponent operator, data-free search, data-driven mode, runtime and CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from editcomp import checkpoint
+from editcomp.errors import ConfigError, DataError
+from editcomp.quant.gptq import HessianAccumulator, gptq_quantize_weight, rtn_quantize_weight
+from editcomp.quant.nupes import (NUPESConfig, NUPESLinear, nupes_dequantize, nupes_quantize,
+                                  nupes_quantize_weight, nupes_weights, output_error, power_lut,
+                                  lut_dequantize, search_exponent)
+from editcomp.quant.ops import compute_qparams, dequantize, quantize
+from editcomp.quant.checkpoint_io import save_quantized
+from editcomp.quant.pipeline import QuantizeConfig, quantize as pipeline_quantize
+from editcomp.quant.runtime import quant_linears
+from editcomp.tiny import tiny_model, tiny_tokenizer
+
+
+def _laplace(rows=64, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(rows, cols, generator=g) - 0.5
+    return -0.02 * torch.sign(u) * torch.log1p(-2 * u.abs())
+
+
+@pytest.mark.parametrize("bits,group", [(3, None), (4, 32), (8, None), (2, 64)])
+def test_exponent_one_is_uniform_symmetric_rtn_exactly(bits, group):
+    cfg = NUPESConfig(bits=bits, group_size=group)
+    W = _laplace()
+    scale, zero = compute_qparams(W, cfg.spec)
+    a = torch.ones(W.shape[0], 1)
+    codes = nupes_quantize(W, scale, a, cfg.spec)
+    ref = quantize(W, scale, zero, cfg.spec)
+    assert torch.equal(codes, ref)
+    assert torch.equal(nupes_dequantize(codes, scale, a, cfg.spec),
+                       dequantize(ref, scale, zero, cfg.spec))
+
+
+def _brute_force(W, cfg, a_values):
+    """Per-row error at each a of a fine grid, each with the best clip of cfg.clip_grid."""
+    spec = cfg.spec
+    amax = W.abs().amax(1, keepdim=True)
+    errs = []
+    for a in a_values:
+        A = torch.full((W.shape[0], 1), float(a))
+        best = None
+        for c in cfg.clip_grid:
+            s = amax * c / spec.qmax
+            e = (nupes_dequantize(nupes_quantize(W, s, A, spec), s, A, spec) - W).square().sum(1)
+            best = e if best is None else torch.minimum(best, e)
+        errs.append(best)
+    return torch.stack(errs)  # [n_a, rows]
+
+
+def test_data_free_search_finds_the_optimum_on_laplace_weights():
+    W = _laplace(rows=16, cols=2048)
+    cfg = NUPESConfig(bits=4, data_free=True, clip_grid=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75))
+    a, scale, err = search_exponent(W, cfg)
+    grid = torch.linspace(cfg.min_exponent, 1.0, 71)
+    brute = _brute_force(W, cfg, grid)
+    opt_err, opt_k = brute.min(0)
+    # as good as a 71-point brute force (within 0.5%), at the same exponent for most rows (the
+    # minimum is flat, so a few rows land on another point of equal error)
+    assert (err <= opt_err * 1.005).all()
+    assert (a[:, 0] - grid[opt_k]).abs().median() < 0.01
+    assert 0.5 < float(a.median()) < 0.8  # Laplace at 4 bits: the optimum is near a = 0.65
+    # Laplace weights want more levels near zero: a < 1, clearly better than uniform (a = 1)
+    assert (a < 0.9).all()
+    assert err.sum() < 0.85 * brute[-1].sum()
+    # the reported error is the real reconstruction error of the returned (a, scale)
+    real = (nupes_dequantize(nupes_quantize(W, scale, a, cfg.spec), scale, a, cfg.spec)
+            - W).square().sum(1)
+    torch.testing.assert_close(real, err, rtol=1e-3, atol=0)
+
+
+def test_per_layer_exponent_is_one_value_and_not_better_than_per_channel():
+    W = _laplace(rows=32, cols=256) * torch.linspace(0.5, 2, 32)[:, None]
+    per_ch = search_exponent(W, NUPESConfig(bits=3))
+    per_layer = search_exponent(W, NUPESConfig(bits=3, per_channel_exponent=False))
+    assert per_layer[0].shape == (1, 1) and per_ch[0].shape == (32, 1)
+    assert per_ch[2].sum() <= per_layer[2].sum() * 1.0001
+
+
+def test_lut_dequant_equals_the_formula():
+    W = _laplace(rows=8, cols=128)
+    for group in (None, 32):
+        cfg = NUPESConfig(bits=3, group_size=group)
+        a, scale, _ = search_exponent(W, cfg)
+        codes = nupes_quantize(W, scale, a, cfg.spec)
+        lut = power_lut(a, 3)
+        assert lut.shape == (8, 8)
+        via_lut = lut_dequantize(codes, scale, lut, cfg.spec)
+        assert torch.equal(via_lut, nupes_dequantize(codes, scale, a, cfg.spec))
+        # the table holds the formula s * sign(q) Q (|q|/Q)^(1/a), elementwise (pow: <= 1 ulp)
+        q = codes.float().reshape(8, -1, group or 128)
+        formula = (torch.sign(q) * 3 * (q.abs() / 3).pow(1 / a[:, :, None])
+                   * (scale[..., None] if group else scale[:, :, None])).reshape(8, 128)
+        torch.testing.assert_close(via_lut, formula, rtol=1e-6, atol=0)
+        assert lut[:, 4].eq(0).all() and lut[:, 7].eq(3).all()  # codes 0 and Q are exact
+
+
+def _layer_data(seed=0, n=256, cols=128, rows=96):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5
+    X = torch.randn(n, cols, generator=g) @ mix * (1 + 4 * (torch.rand(cols, generator=g) > 0.9))
+    acc = HessianAccumulator(cols)
+    acc.add(X)
+    return _laplace(rows=rows, cols=cols, seed=seed), acc.H
+
+
+def test_data_driven_beats_data_free_and_gptq_on_output_error():
+    W, H = _layer_data()
+    cfg = NUPESConfig(bits=3, steps=60)
+    df = nupes_quantize_weight(W, NUPESConfig(bits=3, data_free=True))[0]
+    dd, _, _, _, info = nupes_quantize_weight(W, cfg, H)
+    gptq = gptq_quantize_weight(W, H, cfg.spec)[0]
+    e_df, e_dd, e_gptq = (output_error(x, W, H) for x in (df, dd, gptq))
+    assert e_dd < 0.9 * e_df
+    assert e_dd < 0.95 * e_gptq
+    assert info["err"] == pytest.approx(e_dd, rel=1e-4)
+
+
+def test_learned_codes_exponent_and_scales_lower_the_output_error():
+    W, H = _layer_data(seed=1)
+    cfg = NUPESConfig(bits=3, steps=150, error_feedback=False, hessian_rank=32)
+    _, codes, _, a, info = nupes_quantize_weight(W, cfg, H)
+    a0 = search_exponent(W, cfg)[0]
+    assert info["err_learned"] < 0.85 * info["err_data_free"]  # learning alone, from data-free
+    assert info["err"] == info["err_learned"]
+    assert not torch.equal(a, a0)  # the exponents moved
+    q0 = nupes_quantize(W, search_exponent(W, cfg)[1], a0, cfg.spec)
+    assert ((codes.int() - q0.int()).abs() >= 1).any()
+    # never worse than where it started: error feedback + learning <= error feedback alone
+    ef = nupes_quantize_weight(W, NUPESConfig(bits=3, steps=0), H)[4]["err"]
+    both = nupes_quantize_weight(W, NUPESConfig(bits=3, steps=40), H)[4]["err"]
+    assert both <= ef
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _calib(n=4, L=64, seed=0):
+    return torch.randint(3, 512, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("data_free,group", [(True, None), (False, 16), (False, None)])
+def test_pipeline_pack_and_reload_give_identical_logits(tmp_path, tok, data_free, group):
+    model = tiny_model("llama")
+    ids = _calib(1, 32, seed=5)
+    cfg = QuantizeConfig(bits="w3a16", method="nupes", group_size=group,
+                         nupes=NUPESConfig(data_free=data_free, steps=10, min_calib_tokens=64))
+    report = pipeline_quantize(model, cfg, None if data_free else _calib(), progress=False)
+    qls = quant_linears(model)
+    assert len(qls) == 14 and all(isinstance(q, NUPESLinear) for q in qls.values())
+    hist = report["nupes"]["exponent_histogram"]
+    assert sum(n for _, _, n in hist) == sum(q.exponents.numel() for q in qls.values())
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = save_quantized(model, tok, tmp_path / "q", checkpoint.lineage_entry("quantize", {}))
+    ck = checkpoint.load(out, device="cpu", dtype="fp32")
+    assert all(isinstance(q, NUPESLinear) for q in quant_linears(ck.model).values())
+    with torch.no_grad():
+        after = ck.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_model_weights_before_packing_equal_the_lut_weights():
+    model = tiny_model("qwen2")
+    codes, _ = nupes_weights(model, NUPESConfig(bits=4, data_free=True), progress=False)
+    name, (q, s, a) = next(iter(codes.items()))
+    W_hat = dict(model.named_modules())[name].weight.detach()
+    lin = torch.nn.Linear(W_hat.shape[1], W_hat.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(W_hat)
+    m = NUPESLinear.from_float(lin, NUPESConfig(bits=4).spec, W_hat_codes=(q, s, a))
+    assert torch.equal(m.dequantize_weight(), W_hat)
+
+
+def test_per_layer_exponent_round_trips(tmp_path, tok):
+    model = tiny_model("llama")
+    cfg = QuantizeConfig(bits="w4a16", method="nupes",
+                         nupes=NUPESConfig(data_free=True, per_channel_exponent=False))
+    pipeline_quantize(model, cfg, progress=False)
+    assert all(q.exponents.shape == (1, 1) for q in quant_linears(model).values())
+    out = save_quantized(model, tok, tmp_path / "q", checkpoint.lineage_entry("quantize", {}))
+    ck = checkpoint.load(out, device="cpu")
+    assert all(q.exponents.shape == (1, 1) for q in quant_linears(ck.model).values())
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [1, 9, 16])
+def test_bits_outside_2_to_8_is_a_config_error(bits):
+    with pytest.raises(ConfigError, match="bits must be an integer in 2-8"):
+        NUPESConfig(bits=bits)
+
+
+def test_group_size_not_dividing_the_width_is_a_config_error():
+    model = tiny_model("llama")  # hidden 64, intermediate 128
+    with pytest.raises(ConfigError, match=r"layer model\.layers\.0\.self_attn\.q_proj: "
+                                          r"group size 48 does not divide the last dimension 64"):
+        nupes_weights(model, NUPESConfig(bits=4, group_size=48, data_free=True), progress=False)
+
+
+def test_too_short_calibration_is_a_data_error_before_anything_changes():
+    model = tiny_model("llama")
+    w0 = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(DataError, match="calibration data too short for NUPES: 64 tokens"):
+        nupes_weights(model, NUPESConfig(bits=4, min_calib_tokens=1024), _calib(1, 64),
+                      progress=False)
+    with pytest.raises(DataError, match="needs calibration windows"):
+        nupes_weights(model, NUPESConfig(bits=4), None, progress=False)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, w0)
+
+
+def _cli(args):
+    from editcomp.cli import cli
+    return CliRunner().invoke(cli, args)
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path):
+    r = _cli(["quantize", "x", "--method", "nupes", "--bits", "w9a16", "--out",
+              str(tmp_path / "o")])
+    assert r.exit_code == 1 and "unsupported bits" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = _cli(["quantize", "x", "--method", "nupes", "--bits", "w3a16-asym", "--out",
+              str(tmp_path / "o")])
+    assert r.exit_code == 1 and "NUPES weights are symmetric" in r.output
+    r = _cli(["quantize", "x", "--method", "nf4", "--weights", "nupes", "--bits", "w4a16",
+              "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "--weights does not apply" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_config_weight_stage_defaults_and_composition():
+    assert QuantizeConfig(method="nupes").weight_stage == "nupes"
+    assert QuantizeConfig(method="quarot").weight_stage == "gptq"
+    c = QuantizeConfig(method="quarot", weights="nupes", bits="w3a16",
+                       nupes=NUPESConfig(data_free=True))
+    assert c.weight_stage == "nupes" and c.needs_calibration  # quarot itself calibrates
+    assert not QuantizeConfig(method="nupes", bits="w3a16",
+                              nupes=NUPESConfig(data_free=True)).needs_calibration
+    with pytest.raises(ConfigError, match="unknown weights"):
+        QuantizeConfig(weights="awq")
+
+
+def test_quarot_then_nupes_weights_keeps_the_online_hadamard(tmp_path, tok):
+    model = tiny_model("llama")
+    ids = _calib(1, 32, seed=3)
+    cfg = QuantizeConfig(bits="w4a16", method="quarot", weights="nupes", qsur=False,
+                         nupes=NUPESConfig(steps=5, min_calib_tokens=64))
+    pipeline_quantize(model, cfg, _calib(), progress=False)
+    qls = quant_linears(model)
+    assert any(q.hadamard_size for q in qls.values())
+    assert all(isinstance(q, NUPESLinear) for q in qls.values())
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = save_quantized(model, tok, tmp_path / "q", checkpoint.lineage_entry("quantize", {}))
+    with torch.no_grad():
+        after = checkpoint.load(out, device="cpu").model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_rtn_baseline_is_reproduced_by_nupes_with_exponent_one():
+    W = _laplace(rows=16, cols=64)
+    spec = NUPESConfig(bits=4).spec
+    W_rtn, q, s, _ = rtn_quantize_weight(W, spec)
+    assert torch.equal(nupes_dequantize(q, s, torch.ones(16, 1), spec), W_rtn)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
+        "Die Hauptstadt von Deutschland ist Berlin. ") * 80
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny"
+    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
+                           checkpoint.lineage_entry("test"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("t") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def test_cli_too_short_calibration_is_a_one_line_error(tiny_ckpt, text, tmp_path):
+    out = tmp_path / "o"
+    r = _cli(["quantize", str(tiny_ckpt), "--method", "nupes", "--bits", "w3a16", "--calib",
+              str(text), "--nsamples", "2", "--seq-len", "32", "--eval-windows", "0",
+              "--out", str(out)])
+    assert r.exit_code == 1
+    last = r.output.strip().splitlines()[-1]  # (earlier lines: the loader's progress bar)
+    assert last.startswith("Error: calibration data too short for NUPES: 64 tokens")
+    assert "Traceback" not in r.output and not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--method", "nupes", "--data-free", "--group-size", "32"],
+                                   ["--method", "quarot", "--weights", "nupes",
+                                    "--nupes-steps", "2"]])
+def test_cli_nupes_writes_a_reloadable_checkpoint(tiny_ckpt, text, tmp_path, extra):
+    import json
+
+    out = tmp_path / "o"
+    r = _cli(["quantize", str(tiny_ckpt), "--bits", "w3a16", "--calib", str(text),
+              "--eval-text", str(text), "--nsamples", "8", "--seq-len", "128",
+              "--eval-windows", "1", "--out", str(out), "--json", *extra])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert sum(n for _, _, n in rep["exponent_histogram"]) > 0
+    ck = checkpoint.load(out, device="cpu")
+    assert all(isinstance(q, NUPESLinear) for q in quant_linears(ck.model).values())
+
+
+def test_ostquant_transforms_then_nupes_weights(tmp_path, tok):
+    from editcomp.quant.ostquant import OSTQuantConfig
+
+    model = tiny_model("llama")
+    ids = _calib(1, 32, seed=4)
+    cfg = QuantizeConfig(bits="w3a16", method="ostquant", weights="nupes", qsur=False,
+                         ostquant=OSTQuantConfig(steps=2, train_windows=2, train_seq_len=32),
+                         nupes=NUPESConfig(steps=0, min_calib_tokens=64))
+    report = pipeline_quantize(model, cfg, _calib(), progress=False)
+    assert "nupes" in report and report["config"]["weights"] == "nupes"
+    assert all(isinstance(q, NUPESLinear) for q in quant_linears(model).values())
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = save_quantized(model, tok, tmp_path / "q", checkpoint.lineage_entry("quantize", {}))
+    with torch.no_grad():
+        assert torch.equal(checkpoint.load(out, device="cpu").model(input_ids=ids).logits, before)

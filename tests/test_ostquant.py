@@ -1,0 +1,267 @@
+"""OSTQuant: function preservation of the learned transforms (every family), training lowers
+KL-Top, KL-Top's formula, NaN stop, checkpoint reload, Gemma3's refusal, and bad input."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from editcomp import checkpoint
+from editcomp.cli import cli
+from editcomp.errors import ConfigError, NumericalError
+from editcomp.quant import ostquant as ost
+from editcomp.quant.checkpoint_io import save_quantized
+from editcomp.quant.klloss import kl_top, teacher_topk
+from editcomp.quant.ostquant import OSTQuantConfig, OSTTransforms, ostquant_transform
+from editcomp.quant.pipeline import QuantizeConfig, quantize
+from editcomp.quant.spec import parse_bits
+from editcomp.quant.transforms import fold_norms
+from editcomp.tiny import FAMILIES, tiny_model, tiny_tokenizer
+
+TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
+        "Die Hauptstadt von Deutschland ist Berlin. ") * 60
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def sharp_model(family="llama"):
+    """A tiny model whose outputs are confident and whose activations have outlier channels,
+    so that 4-bit activations really hurt (a random tiny model is nearly uniform)."""
+    m = tiny_model(family)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 25
+            layer.post_attention_layernorm.weight[[5]] *= 25
+        m.model.norm.weight.mul_(8)
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_learned_transforms_preserve_the_function(family):
+    model, ref = tiny_model(family), tiny_model(family)
+    ids = torch.randint(3, 500, (4, 32))
+    report = ostquant_transform(model, parse_bits("w4a4kv4"),
+                                OSTQuantConfig(steps=3, lr_rot=0.05, lr_scale=0.05,
+                                               train_seq_len=32), ids, progress=False)
+    assert len(report["losses"]) == 3
+    assert report["residual_rotation"] == (family != "gemma3")
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_forward_is_the_fused_model(family):
+    """With quantization off, the functional forward (f(W, R, S) + hooks) computes the original
+    model for any transform values, and fusing gives the same weights."""
+    model, ref = tiny_model(family), tiny_model(family)
+    fold_norms(model)
+    t = OSTTransforms(model, residual=family != "gemma3", seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(3, 500, (2, 24))
+    with torch.no_grad():
+        want = ref(ids).logits
+        with ost._Training(model, parse_bits("w4a16"), t) as tr:
+            got = tr.logits(ids)  # no act/KV quant, weights not fake-quantized
+        assert rel(got, want) < 1e-4
+        t.fuse(model)
+        assert rel(model(ids).logits, want) < 1e-4
+    r = t.r_ov().double()
+    eye = torch.eye(r.shape[-1], dtype=torch.float64)
+    assert (r @ r.transpose(-1, -2) - eye).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_activation_side_rotation_matches_weight_side(family):
+    """With quantized activations the training forward rotates the readers' inputs instead of
+    their weights; both give the same model (up to rare rounding flips at 8 bits)."""
+    model = tiny_model(family)
+    fold_norms(model)
+    t = OSTTransforms(model, residual=family != "gemma3", seed=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in t.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(3, 500, (2, 24))
+    bits = parse_bits("w8a8")
+    with torch.no_grad():
+        with ost._Training(model, bits, t, input_side=True) as tr:
+            weight_side = tr.logits(ids)
+        with ost._Training(model, bits, t) as tr:
+            assert not tr.input_side
+            act_side = tr.logits(ids)
+    assert rel(act_side, weight_side) < 2e-3
+
+
+@pytest.mark.parametrize("bits", ["w4a4kv4", "w3a16"])
+def test_training_lowers_kl_top(bits):
+    model = sharp_model()
+    ids = torch.randint(3, 500, (1, 48))
+    report = ostquant_transform(model, parse_bits(bits),
+                                OSTQuantConfig(steps=12, lr_rot=0.02, lr_scale=0.02,
+                                               train_seq_len=48), ids, progress=False)
+    losses = report["losses"]  # the same window every step: loss before each update
+    assert losses[0] > 1e-3, "the test model must actually suffer from quantization"
+    assert min(losses[-3:]) < 0.8 * losses[0]
+
+
+def test_kl_top_equals_the_direct_formula():
+    g = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(2, 5, 50, generator=g) * 3
+    s_logits = torch.randn(2, 5, 50, generator=g) * 3
+    k = 7
+    p = t_logits.softmax(-1)
+    q = s_logits.softmax(-1)
+    want = torch.zeros(2, 5)
+    for b in range(2):
+        for i in range(5):
+            top = p[b, i].argsort(descending=True)[:k]
+            want[b, i] = sum(p[b, i, j] * (p[b, i, j].log() - q[b, i, j].log()) for j in top)
+    assert kl_top(s_logits, t_logits, k=k).item() == pytest.approx(want.mean().item(), rel=1e-5)
+    cache = teacher_topk(t_logits, k)
+    assert kl_top(s_logits, cache).item() == pytest.approx(want.mean().item(), rel=1e-5)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 1]])
+    masked = (want * mask).sum() / mask.sum()
+    assert kl_top(s_logits, cache, mask=mask).item() == pytest.approx(masked.item(), rel=1e-5)
+    assert kl_top(t_logits, t_logits, k=k).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="shape"):
+        kl_top(s_logits, t_logits[:, :4], k=k)
+
+
+def test_gemma3_refuses_the_residual_rotation_with_the_reason():
+    model = tiny_model("gemma3")
+    ids = torch.randint(3, 500, (2, 16))
+    with pytest.raises(ConfigError, match="post_attention_layernorm"):
+        ostquant_transform(model, parse_bits("w4a4kv4"),
+                           OSTQuantConfig(steps=1, residual=True, train_seq_len=16), ids,
+                           progress=False)
+    rep = quantize(model, QuantizeConfig(bits="w4a4kv4", method="ostquant", nsamples=2,
+                                         seq_len=16, ostquant=OSTQuantConfig(steps=2)),
+                   ids, progress=False)
+    assert rep["residual_rotation"] is False and "post_attention_layernorm" in rep["note"]
+    assert all(torch.isfinite(torch.tensor(r["attn_in"])) for r in rep["qsur_after"]["layers"])
+
+
+def test_saved_checkpoint_reloads_to_identical_logits(tmp_path):
+    model = sharp_model("qwen2")  # biases on q/k/v
+    ids = torch.randint(3, 500, (8, 64))
+    rep = quantize(model, QuantizeConfig(bits="w4a4kv4", method="ostquant", nsamples=8,
+                                         seq_len=64, ostquant=OSTQuantConfig(steps=2)),
+                   ids, progress=False)
+    assert rep["qsur_after"]["mean"]["attn_in"] > rep["qsur_before"]["mean"]["attn_in"]
+    out = save_quantized(model, tiny_tokenizer(), tmp_path / "q",
+                         checkpoint.lineage_entry("quantize", config=rep["config"]))
+    q = checkpoint.load(out, device="cpu")
+    names = {n for n, _ in q.model.named_modules()}
+    assert any("down_proj" in n for n in names)
+    test = torch.randint(3, 500, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(q.model(test).logits, model(test).logits)
+    assert q.model.model.layers[0].mlp.down_proj.hadamard_size == 128
+
+
+# ---- CLI and bad input -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "tiny"
+    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
+                           checkpoint.lineage_entry("test"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("t") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def invoke(*args):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res
+
+
+def base_args(ck, text, out, *extra):
+    return ("quantize", ck, "--method", "ostquant", "--calib", text, "--eval-text", text,
+            "--seq-len", 32, "--nsamples", 2, "--eval-windows", 1, "--steps", 2, "--out", out,
+            *extra)
+
+
+def test_cli_ostquant_writes_a_reloadable_checkpoint(tiny_ckpt, text, tmp_path):
+    res = invoke(*base_args(tiny_ckpt, text, tmp_path / "q", "--bits", "w4a8kv8", "--json"))
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["method"] == "ostquant" and r["ppl_after"] > 0 and len(r["qsur"]) == 2
+    q = checkpoint.load(tmp_path / "q", device="cpu")
+    assert q.history[-1]["config"]["ostquant"]["steps"] == 2
+    with torch.no_grad():
+        assert torch.isfinite(q.model(torch.randint(3, 400, (1, 16))).logits).all()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_loss_stops_naming_the_step_and_writes_nothing(tiny_ckpt, text, tmp_path,
+                                                           monkeypatch, bad):
+    calls = []
+
+    def nan_on_second(*a, **k):
+        calls.append(1)
+        loss = kl_top(*a, **k)
+        return loss * float(bad) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(ost, "kl_top", nan_on_second)
+    res = invoke(*base_args(tiny_ckpt, text, tmp_path / "q", "--steps", 4))
+    assert res.exit_code == 1 and "step 2 of 4" in res.stderr and bad in res.stderr.lower()
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(NumericalError, match="step 2"):
+        calls.clear()
+        ostquant_transform(tiny_model("llama"), parse_bits("w4a4kv4"),
+                           OSTQuantConfig(steps=3, train_seq_len=16),
+                           torch.randint(3, 500, (2, 16)), progress=False)
+
+
+@pytest.mark.parametrize("case", ["bits", "short", "exists", "steps"])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, text, tmp_path, case):
+    out = tmp_path / "q"
+    args = list(base_args(tiny_ckpt, text, out))
+    if case == "bits":
+        args += ["--bits", "w4a3"]
+        want = "w4a4kv4"
+    elif case == "short":
+        short = tmp_path / "short.txt"
+        short.write_text("Too short.")
+        args[args.index(text)] = short
+        want = "short.txt"
+    elif case == "exists":
+        out.mkdir()
+        want = "already exists"
+    else:
+        args[args.index("--steps") + 1] = -1
+        want = "steps"
+    res = invoke(*args)
+    assert res.exit_code == 1, res.output
+    last = res.stderr.strip().splitlines()[-1]  # earlier lines are progress bars
+    assert last.startswith("Error: ") and want in last and "Traceback" not in res.stderr
+    assert case == "exists" or not out.exists()
+
+
+@pytest.mark.slow
+def test_smollm2_learned_transforms_preserve_the_function():
+    """The real default model (576 = 36 x 16 and 1536 = 12 x 128 Hadamards): one training step,
+    fused, computes what the original does."""
+    ck = checkpoint.load("smollm2-135m", device="cpu", dtype="fp32")
+    ids = torch.randint(100, 40000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ck.model(ids).logits
+    rep = ostquant_transform(ck.model, parse_bits("w4a4kv4"),
+                             OSTQuantConfig(steps=1, lr_rot=0.01, lr_scale=0.01,
+                                            train_seq_len=64), ids, progress=False)
+    assert rep["residual_rotation"] and len(rep["losses"]) == 1
+    with torch.no_grad():
+        assert rel(ck.model(ids).logits, want) < 1e-4
