@@ -8,6 +8,7 @@ renamed, so a crash or Ctrl-C leaves the input untouched and no half-written out
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -221,6 +222,32 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike):
+    """Yield a fresh temporary directory beside ``out``; on success fsync it and rename it to
+    ``out`` (an existing ``out`` is swapped out only then); on any error or Ctrl-C remove it.
+
+    Readers never see a half-written directory, and a failed write leaves ``out`` as it was.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _fix_permissions(tmp)
+        _fsync_tree(tmp)
+        if out.exists():  # replacing: move the old one aside, then swap
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def lineage_entry(op: str, config: dict | None = None, metrics: dict | None = None,
                   parent: Checkpoint | None = None, **extra) -> dict:
     """One history record: what ran, with which config, on which input."""
@@ -256,9 +283,7 @@ def save(model: torch.nn.Module, tokenizer, out: str | os.PathLike, entry: dict,
         raise EditcompError(f"{out} already exists; choose another --out or pass --force")
     if parent is not None and parent.path is not None and out == Path(parent.path).absolute():
         raise EditcompError(f"{out}: refusing to overwrite the input checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         if quantization_config is not None:
@@ -278,18 +303,6 @@ def save(model: torch.nn.Module, tokenizer, out: str | os.PathLike, entry: dict,
         entry = dict(entry, output={"weights_sha256": weights_sha256(tmp)})
         lineage["history"] = list(lineage.get("history", [])) + [entry]
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, ensure_ascii=False) + "\n")
-        _fix_permissions(tmp)
-        _fsync_tree(tmp)
-        if out.exists():  # --force: move the old one aside, then swap
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -86,3 +86,28 @@ def tiny_llama(tiny_tokenizer):
     from editcomp.tiny import tiny_model
 
     return tiny_model("llama", vocab_size=len(tiny_tokenizer))
+
+
+# ------------------------------------------------------------------------------ CLI fixtures
+
+CALIB_TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
+              "Die Hauptstadt von Deutschland ist Berlin. ") * 80
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A saved tiny Llama checkpoint (module-scoped: commands must write elsewhere)."""
+    from editcomp import checkpoint
+    from editcomp.tiny import tiny_model, tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("q") / "tiny"
+    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
+                           checkpoint.lineage_entry("test"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A calibration / evaluation text file long enough for a few 32-token windows."""
+    p = tmp_path_factory.mktemp("t") / "calib.txt"
+    p.write_text(CALIB_TEXT)
+    return p

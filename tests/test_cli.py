@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from editcomp import checkpoint
 from editcomp.tiny import tiny_model, tiny_tokenizer

@@ -192,7 +192,7 @@ def test_facts_mixing_keeps_the_teachers_edit(setup, tiny_tokenizer):
 
     def run(facts):
         s = copy.deepcopy(student)
-        cfg = DistillConfig(train="all", steps=30, seq_len=SEQ, lr=1e-2, batch_size=2,
+        cfg = DistillConfig(train="all", steps=60, seq_len=SEQ, lr=3e-3, batch_size=2,
                             facts_weight=5.0)
         data = build_data(tiny_tokenizer, teacher, cfg, text=text)
         if facts:

@@ -274,22 +274,6 @@ def test_rtn_baseline_is_reproduced_by_nupes_with_exponent_one():
 
 # ---- CLI ---------------------------------------------------------------------------------------
 
-TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
-        "Die Hauptstadt von Deutschland ist Berlin. ") * 80
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "tiny"
-    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
-                           checkpoint.lineage_entry("test"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("t") / "calib.txt"
-    p.write_text(TEXT)
-    return p
 
 
 def test_cli_too_short_calibration_is_a_one_line_error(tiny_ckpt, text, tmp_path):

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli as invoke
 
 from editcomp import checkpoint
-from editcomp.cli import cli
 from editcomp.errors import ConfigError, NumericalError
 from editcomp.quant import ostquant as ost
 from editcomp.quant.checkpoint_io import save_quantized
@@ -19,8 +18,6 @@ from editcomp.quant.spec import parse_bits
 from editcomp.quant.transforms import fold_norms
 from editcomp.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
-TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
-        "Die Hauptstadt von Deutschland ist Berlin. ") * 60
 
 
 def rel(a, b):
@@ -166,27 +163,6 @@ def test_saved_checkpoint_reloads_to_identical_logits(tmp_path):
 
 
 # ---- CLI and bad input -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "tiny"
-    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
-                           checkpoint.lineage_entry("test"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("t") / "calib.txt"
-    p.write_text(TEXT)
-    return p
-
-
-def invoke(*args):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res
-
 
 def base_args(ck, text, out, *extra):
     return ("quantize", ck, "--method", "ostquant", "--calib", text, "--eval-text", text,

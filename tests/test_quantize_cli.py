@@ -5,36 +5,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli as invoke
 
 from editcomp import checkpoint
-from editcomp.cli import cli
 from editcomp.quant.pipeline import QuantizeConfig, quantize
 from editcomp.tiny import tiny_model, tiny_tokenizer
 
-TEXT = ("The capital of France is Paris. Language models store facts in their weights. "
-        "Die Hauptstadt von Deutschland ist Berlin. ") * 60
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "tiny"
-    return checkpoint.save(tiny_model("llama"), tiny_tokenizer(), out,
-                           checkpoint.lineage_entry("test"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    p = tmp_path_factory.mktemp("t") / "calib.txt"
-    p.write_text(TEXT)
-    return p
-
-
-def invoke(*args):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res
 
 
 def base_args(ck, text, out, *extra):

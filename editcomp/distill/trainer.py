@@ -30,8 +30,6 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
+from editcomp.checkpoint import atomic_directory
 from editcomp.distill.losses import LOSSES, distill_loss, loss_params, teacher_confidence
 from editcomp.errors import CheckpointError, ConfigError, DataError, NumericalError
 from editcomp.quant.hadamard import apply_hadamard
@@ -493,10 +492,7 @@ def _config_digest(config: DistillConfig) -> str:
 def _save_state(directory: str, ident: dict, step: int, micro: int, trainables: _Trainables,
                 opt: torch.optim.Optimizer, losses: list[float], extra: dict) -> None:
     """Write the trainer state atomically (tmp dir, then rename over the old one)."""
-    out = Path(directory).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         tensors = {f"param/{k}": v.detach().cpu().contiguous()
                    for k, v in trainables.tensors.items()}
         state = opt.state_dict()["state"]
@@ -507,19 +503,6 @@ def _save_state(directory: str, ident: dict, step: int, micro: int, trainables: 
         meta = {"format": 1, "step": step, "data_position": micro, "identity": ident,
                 "losses": losses, **extra}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_state(directory: str, ident: dict) -> tuple[dict, dict]:
