@@ -68,11 +68,13 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
     b = f"w{bits}a16"
     extra = {} if args.group_clip is None else {
         "group_clip_grid": tuple(float(c) for c in args.group_clip.split(","))}
+    if args.clip is not None:
+        extra["clip_grid"] = tuple(float(c) for c in args.clip.split(","))
     dd = NUPESConfig(steps=args.nupes_steps, min_calib_tokens=1, **extra)
     df = NUPESConfig(data_free=True, **extra)
     if method == "rtn":
         return QuantizeConfig(bits=b, method="rtn", group_size=group)
-    if method == "gptq":
+    if method in ("gptq", "gptq-ao"):  # gptq-ao: act-order is switched on in main()
         return QuantizeConfig(bits=b, method="gptq", group_size=group)
     if method in ("nf4", "fp4"):
         return QuantizeConfig(bits=b, method=method, group_size=group or 64)
@@ -136,6 +138,9 @@ def main():
                          "(smollm2's width 576 is not a multiple of 128: 64 is the closest)")
     ap.add_argument("--nupes-steps", type=int, default=0,
                     help="Adam steps of the learned refinement per linear (0: error feedback only)")
+    ap.add_argument("--clip", default=None,
+                    help="NUPES clip ratios tried per channel, comma separated (default: "
+                         "NUPESConfig.clip_grid)")
     ap.add_argument("--group-clip", default=None,
                     help="NUPES clip ratios tried per group, comma separated (default: "
                          "NUPESConfig.group_clip_grid)")
@@ -173,8 +178,6 @@ def main():
         setting = f"w{bits}a16" + ("" if group is None else f"g{group}")
         model = copy.deepcopy(base.model)
         cfg = config_for(method, bits, group, args, transform)
-        if method == "gptq-ao":
-            cfg = QuantizeConfig(bits=f"w{bits}a16", method="gptq", group_size=group)
         row = {"setting": setting, "method": method}
         try:
             t = time.time()

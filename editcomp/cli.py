@@ -228,16 +228,10 @@ def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_st
       editcomp quantize smollm2-135m --bits w4a16 --method gptq --out out/w4a16
       editcomp quantize smollm2-135m --bits w3a16 --method nupes --out out/w3-nupes
     """
-    from pathlib import Path
-
-    from editcomp import checkpoint
-    from editcomp.data import calibration_windows, token_windows
-    from editcomp.device import peak_memory_mb
-    from editcomp.eval import perplexity
-    from editcomp.quant.checkpoint_io import save_quantized
-    from editcomp.quant.ostquant import OSTQuantConfig
+    from editcomp.jobs import quantize_job
     from editcomp.quant.nupes import NUPESConfig
-    from editcomp.quant.pipeline import QuantizeConfig, quantize
+    from editcomp.quant.ostquant import OSTQuantConfig
+    from editcomp.quant.pipeline import QuantizeConfig
 
     ost = {k: v for k, v in dict(steps=steps, lr_rot=lr_rot, lr_scale=lr_scale,
                                  train_seq_len=train_seq_len).items() if v is not None}
@@ -248,40 +242,8 @@ def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_st
                                               per_channel_exponent=exponent_per == "channel",
                                               **({} if nupes_steps is None
                                                  else {"steps": nupes_steps})))
-    config.bits_spec()  # a bad --bits fails here, before anything is loaded
-    if Path(out).exists() and not force:
-        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
-    ck = checkpoint.load(model, device=device, dtype=dtype)
-    calib_ids = (calibration_windows(ck.tokenizer, calib, nsamples, seq_len, seed=seed)
-                 if config.needs_calibration else None)
-    windows = (token_windows(ck.tokenizer, eval_text, seq_len, eval_windows)
-               if eval_windows else None)
-    metrics = {}
-    if windows is not None:
-        metrics["ppl_before"] = perplexity(ck.model, windows)["ppl"]
-    report = quantize(ck.model, config, calib_ids)
-    if windows is not None:
-        metrics["ppl_after"] = perplexity(ck.model, windows)["ppl"]
-    metrics.update(seconds=round(report["seconds"], 1),
-                   peak_memory_mb=round(peak_memory_mb(next(ck.model.parameters()).device)))
-    entry = checkpoint.lineage_entry("quantize", config=report["config"], metrics=metrics,
-                                     parent=ck, calib=str(calib) if calib_ids is not None else None)
-    path = save_quantized(ck.model, ck.tokenizer, out, entry, parent=ck, force=force)
-    result = {"out": str(path), "bits": report["bits"], "method": method, **metrics}
-    if "note" in report:
-        result["note"] = report["note"]
-    if report.get("losses"):
-        result.update(kl_top_first=report["loss_first"], kl_top_last=report["loss_last"])
-    if "nupes" in report:
-        result["exponent_histogram"] = report["nupes"]["exponent_histogram"]
-    if "qsur_after" in report:
-        def points(row):
-            return {k: v for k, v in row.items() if k != "layer"}
-        result["qsur"] = [{"layer": b["layer"], "before": points(b), "after": points(a)}
-                          for b, a in zip(report["qsur_before"]["layers"],
-                                          report["qsur_after"]["layers"])]
-        result["qsur_mean"] = {"before": report["qsur_before"]["mean"],
-                               "after": report["qsur_after"]["mean"]}
+    result = quantize_job(model, config, out, calib=calib, eval_text=eval_text,
+                          eval_windows=eval_windows, force=force, device=device, dtype=dtype)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({r['method']} {r['bits']})")
@@ -430,12 +392,8 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
     """
     from pathlib import Path
 
-    from editcomp import checkpoint
-    from editcomp.data import load_facts, token_windows
-    from editcomp.distill import DistillConfig, build_data, distill
-    from editcomp.eval import perplexity
-    from editcomp.quant.checkpoint_io import save_quantized
-    from editcomp.quant.runtime import quant_linears
+    from editcomp.distill import DistillConfig
+    from editcomp.jobs import distill_job
 
     state_dir = state_dir or (str(Path(out)) + ".state" if save_every else None)
     config = DistillConfig(loss=loss, train=train_set, steps=steps, lr=lr, batch_size=batch_size,
@@ -443,42 +401,9 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                            alpha=alpha, beta=beta, k=top_k, gamma=gamma, lora_rank=lora_rank,
                            seed=seed, save_every=save_every, checkpoint_dir=state_dir,
                            resume=resume)
-    if not (text or generate or facts):
-        raise EditcompError("no training data: give --text FILE, --generate N and/or --facts FILE")
-    if Path(out).exists() and not force:
-        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
-    if facts:
-        load_facts(facts)  # a bad facts file fails here, before any model is loaded
-    t_ck = checkpoint.load(teacher, device=device, dtype=dtype)
-    s_ck = checkpoint.load(student, device=device, dtype=dtype)
-    if t_ck.tokenizer.get_vocab() != s_ck.tokenizer.get_vocab():
-        raise EditcompError(f"teacher {teacher} and student {student} have different tokenizers "
-                            f"({len(t_ck.tokenizer)} vs {len(s_ck.tokenizer)} tokens); this "
-                            "version distills between models with one tokenizer")
-    data = build_data(s_ck.tokenizer, t_ck.model, config, text=text, generate=generate,
-                      facts=facts)
-    windows = (token_windows(s_ck.tokenizer, eval_text, eval_seq_len, eval_windows)
-               if eval_windows else None)
-    metrics = {}
-    if windows is not None:
-        metrics["ppl_teacher"] = perplexity(t_ck.model, windows)["ppl"]
-        metrics["ppl_before"] = perplexity(s_ck.model, windows)["ppl"]
-    report = distill(s_ck.model, t_ck.model, config, data)
-    if windows is not None:
-        metrics["ppl_after"] = perplexity(s_ck.model, windows)["ppl"]
-    curve = report["loss_curve"]
-    metrics.update(loss_first=curve["first"], loss_last=curve["last"], seconds=report["seconds"])
-    entry = checkpoint.lineage_entry(
-        "distill", config=dict(config.identity(), lr=config.learning_rate), metrics=metrics,
-        parent=s_ck, teacher={"path": str(t_ck.path), "weights_sha256": t_ck.weights_sha256},
-        data=report["data"], loss_curve=curve, trainable_params=report["trainable_params"])
-    if quant_linears(s_ck.model):
-        path = save_quantized(s_ck.model, s_ck.tokenizer, out, entry, parent=s_ck, force=force)
-    else:
-        path = checkpoint.save(s_ck.model, s_ck.tokenizer, out, entry, parent=s_ck, force=force)
-    result = {"out": str(path), "loss": loss, "train": train_set, "steps": steps,
-              "trainable_params": report["trainable_params"], **metrics,
-              "loss_curve": curve["means"]}
+    result = distill_job(student, config, out, teacher=teacher, text=text, generate=generate,
+                         facts=facts, eval_text=eval_text, eval_windows=eval_windows,
+                         eval_seq_len=eval_seq_len, force=force, device=device, dtype=dtype)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({r['loss']}, train {r['train']}, {r['steps']} steps, "
@@ -521,39 +446,16 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     Example:
       editcomp edit examples/facts.jsonl --model gemma3-270m --langs en,de --out out/edited
     """
-    from pathlib import Path
-
-    from editcomp import checkpoint
-    from editcomp.data import facts_sha256, load_facts
     from editcomp.edit import FTLConfig, LAFNConfig
-    from editcomp.edit.run import check_edit_inputs, edit_and_measure
+    from editcomp.jobs import EditConfig, edit_job
 
-    lang_list = [s.strip() for s in langs.split(",") if s.strip()] if langs else None
-    fact_list = load_facts(facts, langs=lang_list, limit=limit, offset=offset)
-    if Path(out).exists() and not force:
-        raise EditcompError(f"{out} already exists; choose another --out or pass --force")
-    extra = {} if paraphrases is None else {"paraphrases": paraphrases}
-    config = (LAFNConfig(sequential=sequential, **extra) if method == "lafn"
-              else FTLConfig(**extra))
     if method == "ft-l" and sequential:
         raise EditcompError("--sequential applies to --method lafn only")
-    config.validate()
-    ck = checkpoint.load(model, device=device, dtype=dtype)
-    check_edit_inputs(fact_list, ck.tokenizer, lang_list)  # every target tokenizes
-    report = edit_and_measure(ck.model, ck.tokenizer, fact_list, config, lang_list)
-    metrics = {"edit": report["metrics"], "losses": report["losses"],
-               "seconds": round(report["seconds"], 1)}
-    if method == "lafn":
-        metrics["neurons"] = report["neurons"]
-    entry = checkpoint.lineage_entry(
-        "edit", config={"method": method, **report["config"]}, metrics=metrics, parent=ck,
-        facts={"path": str(facts), "sha256": facts_sha256(facts), "count": len(fact_list),
-               "offset": offset, "limit": limit, "langs": lang_list},
-        paraphrase_source=report["paraphrase_source"])
-    if report_file and method == "lafn":
-        Path(report_file).write_text(json.dumps(report["locate"], indent=2, ensure_ascii=False) + "\n")
-    path = checkpoint.save(ck.model, ck.tokenizer, out, entry, parent=ck, force=force)
-    result = {"out": str(path), "method": method, "facts": len(fact_list), **metrics}
+    extra = {} if paraphrases is None else {"paraphrases": paraphrases}
+    config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential, **extra))
+              if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(**extra)))
+    result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
+                      report_file=report_file, force=force, device=device, dtype=dtype)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")

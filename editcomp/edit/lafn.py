@@ -39,7 +39,8 @@ class LAFNConfig:
     lr: float = 0.05              # Adam, on deltas in units of the edited columns' RMS
     kl_weight: float = 5.0        # KL(unedited || edited) on unrelated prompts' next token
     norm_weight: float = 0.5      # ||D||^2 / ||W[:, idx]||^2, per column weighted (norm_on_text)
-    norm_on_text: bool = True     # ... by the neuron's mean squared activation on the unrelated prompts
+    norm_on_text: bool = False    # ... by the neuron's mean squared activation on the unrelated
+    #                               prompts (measured: no perplexity gain on gemma3-270m, 3 cases)
     stop_nll: float | None = 0.1  # stop once every target token is the argmax and the mean NLL is below
     sequential: bool = False      # edit facts one after another instead of all together
     batch_size: int = 32          # training pairs per optimizer step
