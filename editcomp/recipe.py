@@ -258,8 +258,11 @@ def _finished(out: Path, digest: str) -> bool:
     return bool(history) and history[-1].get("recipe_step") == digest
 
 
-def _evaluate(path: Path, ev: dict, device, dtype) -> dict:
-    """Perplexity and edit metrics of one checkpoint, as the recipe's ``eval`` block asks."""
+def _evaluate(path: Path, ev: dict, device, dtype, reference=None) -> dict:
+    """Perplexity and edit metrics of one checkpoint, as the recipe's ``eval`` block asks.
+
+    Locality counts agreement with ``reference`` (the recipe's starting model): whether an
+    unrelated answer is *unchanged*, not whether the small model knew the stored answer."""
     from editcomp import checkpoint
     from editcomp.data import load_facts
     from editcomp.eval.run import evaluate
@@ -272,7 +275,8 @@ def _evaluate(path: Path, ev: dict, device, dtype) -> dict:
     facts = load_facts(ev["facts"], langs=langs, limit=ev.get("limit")) if ev.get("facts") else None
     ck = checkpoint.load(path, device=device, dtype=dtype)
     res = evaluate(ck, text=ev.get("text"), seq_len=ev.get("seq_len", 2048),
-                   max_windows=ev.get("max_windows"), facts=facts, langs=langs)
+                   max_windows=ev.get("max_windows"), facts=facts, langs=langs,
+                   reference=reference if facts else None, device=device, dtype=dtype)
     out = {}
     if "perplexity" in res:
         out["ppl"] = res["perplexity"]["ppl"]
@@ -318,7 +322,7 @@ def run_recipe(recipe: Recipe, force: bool = False, log: Callable[[str], None] =
         stages.append(row)
     for row in stages:
         cache = Path(row["path"]) / ".." / f".{Path(row['path']).name}.eval.json"
-        row["eval"] = _cached_eval(Path(row["path"]), recipe, cache.resolve())
+        row["eval"] = _cached_eval(Path(row["path"]), recipe, cache.resolve(), outputs["base"])
         log(f"evaluated {row['stage']}: {_short(row['eval'])}")
     report = {"recipe": recipe.name, "model": recipe.model, "workdir": str(recipe.workdir),
               "eval": recipe.eval, "stages": stages}
@@ -327,12 +331,12 @@ def run_recipe(recipe: Recipe, force: bool = False, log: Callable[[str], None] =
     return report
 
 
-def _cached_eval(path: Path, recipe: Recipe, cache: Path) -> dict:
+def _cached_eval(path: Path, recipe: Recipe, cache: Path, reference: str) -> dict:
     """Evaluate a stage once per (weights, eval settings); reuse the result on a resumed run."""
     from editcomp.checkpoint import weights_sha256
 
-    key = hashlib.sha256(json.dumps([weights_sha256(path), recipe.eval], sort_keys=True)
-                         .encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([weights_sha256(path), recipe.eval, reference],
+                                    sort_keys=True).encode()).hexdigest()
     if cache.exists():
         try:
             saved = json.loads(cache.read_text())
@@ -340,7 +344,7 @@ def _cached_eval(path: Path, recipe: Recipe, cache: Path) -> dict:
                 return saved["eval"]
         except ValueError:
             pass
-    result = _evaluate(path, recipe.eval, recipe.device, recipe.dtype)
+    result = _evaluate(path, recipe.eval, recipe.device, recipe.dtype, reference)
     if path.parent == cache.parent:  # only cache inside the work directory
         cache.write_text(json.dumps({"key": key, "eval": result}, ensure_ascii=False))
     return result
@@ -357,7 +361,8 @@ def _short(ev: dict) -> str:
 def format_report(report: dict) -> str:
     """Markdown table: one row per stage, ppl and reliability/generality/locality per language."""
     stages = report["stages"]
-    langs = sorted({lang for s in stages for lang in (s["eval"].get("edit") or {})})
+    langs = sorted({lang for s in stages for lang in (s["eval"].get("edit") or {})},
+                   key=lambda lang: (lang == "mean", lang))  # the mean last
     head = ["stage", "ppl"] + [f"{lang} rel / gen / loc" for lang in langs] + ["seconds"]
     lines = [f"# {report['recipe']} ({report['model']})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import EXAMPLE_FACTS
 
 from editcomp.errors import ConfigError
 from editcomp.quant.pipeline import QuantizeConfig
@@ -100,7 +101,8 @@ def tiny_run(tmp_path):
                            checkpoint.lineage_entry("test"))
     (tmp_path / "text.txt").write_text(TEXT)
     data = {"name": "tiny", "model": str(base), "workdir": str(tmp_path / "work"),
-            "eval": {"text": "text.txt", "seq_len": 32, "max_windows": 2},
+            "eval": {"text": "text.txt", "seq_len": 32, "max_windows": 2,
+                     "facts": str(EXAMPLE_FACTS), "langs": "en", "limit": 2},
             "steps": [{"name": "q", "quantize": {"bits": "w4a16", "method": "rtn"}},
                       {"distill": {"teacher": "base", "text": "text.txt", "loss": "fkl",
                                    "train": "scales", "steps": 2, "seq_len": 32}}]}
@@ -117,6 +119,8 @@ def test_run_writes_every_step_and_resumes(tiny_run):
     work = tmp_path / "work"
     assert [s["stage"] for s in report["stages"]] == ["base", "q", "distill"]
     assert all("ppl" in s["eval"] for s in report["stages"])
+    # locality is agreement with the starting model, so the base agrees with itself fully
+    assert report["stages"][0]["eval"]["edit"]["en"]["locality"] == 1.0
     ops = [e["op"] for e in read_lineage(work / "02-distill")["history"]]
     assert ops == ["test", "quantize", "distill"]
     assert (work / "report.md").read_text().count("\n| ") == 4  # header + 3 stages
