@@ -15,7 +15,8 @@ from editcomp import checkpoint
 from editcomp.cli import cli
 from editcomp.data import Fact, FactLang, token_windows
 from editcomp.distill import DistillConfig, DistillData, build_data, distill
-from editcomp.distill.trainer import STELinear, _Trainables, fact_sequences
+from editcomp.distill.trainables import STELinear, _Trainables
+from editcomp.distill.trainer import fact_sequences
 from editcomp.errors import CheckpointError, ConfigError, NumericalError
 from editcomp.eval import kl_to_teacher
 from editcomp.quant.checkpoint_io import save_quantized
