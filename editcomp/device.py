@@ -6,11 +6,11 @@ import torch
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # ok: the one device choice
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # ok: dtype by device
 
 
 def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
@@ -33,7 +33,7 @@ def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype |
 def peak_memory_mb(device: torch.device | str) -> float:
     """Peak memory of this process on ``device``: allocated CUDA memory on a GPU, resident set
     size (the high-water mark since the process started) on CPU."""
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda":  # ok: CUDA has its own allocator stats
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 

@@ -9,9 +9,10 @@ from click.testing import CliRunner
 from editcomp import checkpoint
 from editcomp.errors import ConfigError, DataError
 from editcomp.quant.gptq import HessianAccumulator, gptq_quantize_weight, rtn_quantize_weight
-from editcomp.quant.nupes import (NUPESConfig, NUPESLinear, nupes_dequantize, nupes_quantize,
+from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, nupes_quantize,
                                   nupes_quantize_weight, nupes_weights, output_error, power_lut,
                                   lut_dequantize, search_exponent)
+from editcomp.quant.nupes_linear import NUPESLinear
 from editcomp.quant.ops import compute_qparams, dequantize, quantize
 from editcomp.quant.checkpoint_io import save_quantized
 from editcomp.quant.pipeline import QuantizeConfig, quantize as pipeline_quantize

@@ -6,7 +6,7 @@ is ``s * Q``). A weight is read in uniform units ``u = w / s`` and mapped into t
 ``w_hat = s * sign(q) Q (|q| / Q)^(1/a)``. With ``0 < a < 1`` more of the ``2^b`` levels sit near
 zero, where bell-shaped weights are dense. ``a = 1`` is computed without the power, so it *is*
 uniform symmetric RTN, bit for bit. The ``2^b`` normalized levels of a channel form a lookup table
-(``power_lut``): dequantization is a gather times the scale (``NUPESLinear``).
+(``power_lut``): dequantization is a gather times the scale (``nupes_linear.NUPESLinear``).
 
 Two modes (``NUPESConfig.data_free``):
 
@@ -551,105 +551,3 @@ def exponent_histogram(exponents: dict[str, list[float]], bins: int = 10,
     counts = torch.histc(vals, bins=bins, min=lo, max=hi) if vals.numel() else torch.zeros(bins)
     edges = torch.linspace(lo, hi, bins + 1)
     return [(float(edges[i]), float(edges[i + 1]), int(counts[i])) for i in range(bins)]
-
-
-# ---- runtime module -------------------------------------------------------------------------
-
-from editcomp.quant.runtime import QuantLinear, _hadamard_wrapped, register_kind  # noqa: E402
-
-
-@register_kind
-class NUPESLinear(QuantLinear):
-    """A ``QuantLinear`` on the NUPES grid: packed signed codes, fp32 uniform-unit ``scales``
-    and fp32 ``exponents`` (``[out, 1]`` per channel, ``[1, 1]`` per layer). The weight is a
-    gather from the per-channel table of the ``2^b`` levels (``power_lut``) times the scale."""
-
-    kind = "nupes"
-
-    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec,
-                 act_spec: QuantSpec | None = None, bias: bool = False,
-                 hadamard_size: int | None = None, device=None, dtype=torch.float32,
-                 per_channel_exponent: bool = True):
-        if not w_spec.symmetric:
-            raise ConfigError("NUPES weights are symmetric (the power map is odd); got an "
-                              "asymmetric weight spec")
-        super().__init__(in_features, out_features, w_spec, act_spec, bias=bias,
-                         hadamard_size=hadamard_size, device=device, dtype=dtype)
-        self.per_channel_exponent = per_channel_exponent
-        self.register_buffer("exponents", torch.ones(out_features if per_channel_exponent else 1,
-                                                     1, dtype=torch.float32, device=device))
-
-    @classmethod
-    def from_float(cls, linear, w_spec: QuantSpec, act_spec: QuantSpec | None = None,
-                   hadamard_size: int | None = None, W_hat_codes: tuple | None = None,
-                   mse_clip: bool = False) -> "NUPESLinear":
-        """Build from a float linear and ``(codes, scale, exponent)`` (``(W_hat, ...)`` also
-        accepted); without them the data-free search runs on the weight."""
-        linear, wrapped_n = _hadamard_wrapped(linear)
-        if wrapped_n is not None:
-            hadamard_size = wrapped_n
-        W = linear.weight.detach()
-        if W_hat_codes is None:
-            cfg = NUPESConfig(bits=w_spec.bits, data_free=True,
-                              group_size=w_spec.group_size if w_spec.grouped else None)
-            _, codes, scale, a, _ = nupes_quantize_weight(W, cfg)
-        else:
-            codes, scale, a = tuple(W_hat_codes)[-3:]
-        out_f, in_f = W.shape
-        q = cls(in_f, out_f, w_spec, act_spec, bias=linear.bias is not None,
-                hadamard_size=hadamard_size, device=W.device, dtype=W.dtype,
-                per_channel_exponent=a.numel() > 1 or out_f == 1)
-        q.set_codes(codes, scale, None)
-        q.set_exponents(a)
-        if linear.bias is not None:
-            with torch.no_grad():
-                q.bias.copy_(linear.bias.detach())
-        return q
-
-    def set_exponents(self, a: torch.Tensor) -> None:
-        if a.numel() != self.exponents.numel():
-            raise ConfigError(f"{a.numel()} exponents for a layer storing "
-                              f"{self.exponents.numel()}")
-        if not bool(((a > 0) & torch.isfinite(a)).all()):
-            raise ConfigError("NUPES exponents must be positive and finite")
-        with torch.no_grad():
-            self.exponents.copy_(a.detach().float().reshape(self.exponents.shape))
-        self._w_cache = None
-
-    def lut(self) -> torch.Tensor:
-        """The normalized levels ``[E, 2^b]`` of codes ``qmin .. qmax``."""
-        return power_lut(self.exponents, self.w_spec.bits)
-
-    def dequantize_weight(self) -> torch.Tensor:
-        return lut_dequantize(self.codes(), self.scales, self.lut(), self.w_spec)
-
-    def weight_for(self, dtype, device):
-        key = (id(self.exponents), self.exponents._version)
-        if getattr(self, "_exp_key", None) != key:
-            self._w_cache, self._exp_key = None, key
-        return super().weight_for(dtype, device)
-
-    def _apply(self, fn, recurse=True):
-        old = self._buffers["exponents"]
-        out = super()._apply(fn, recurse)
-        new = self._buffers["exponents"]
-        if new.dtype != old.dtype:
-            self._buffers["exponents"] = old.to(new.device)
-        return out
-
-    def quant_config(self) -> dict:
-        return {**super().quant_config(), "per_channel_exponent": self.per_channel_exponent}
-
-    @classmethod
-    def from_quant_config(cls, cfg: dict, dtype=torch.float32, device=None) -> "NUPESLinear":
-        from editcomp.quant.runtime import spec_from_dict
-
-        out_f, in_f = cfg["shape"]
-        return cls(in_f, out_f, spec_from_dict(cfg["weight"]), spec_from_dict(cfg.get("act")),
-                   bias=bool(cfg.get("bias")), hadamard_size=cfg.get("hadamard_size"),
-                   device=device, dtype=dtype,
-                   per_channel_exponent=bool(cfg.get("per_channel_exponent", True)))
-
-    def extra_repr(self) -> str:
-        e = "channel" if self.per_channel_exponent else "layer"
-        return super().extra_repr() + f", nupes exponent per {e}"
