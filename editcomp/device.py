@@ -6,11 +6,11 @@ import torch
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # ok: the one device choice
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # ok: here only
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # ok: dtype by device
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # ok: here only
 
 
 def resolve(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
