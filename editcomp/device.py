@@ -6,7 +6,9 @@ import torch
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")  # ok: here only
+    if torch.cuda.is_available():
+        return torch.device("cuda")  # ok: here only
+    return torch.device("cpu")
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
