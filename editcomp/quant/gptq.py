@@ -86,6 +86,49 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, name: str) -> torch.Tensor:
                          f"use more calibration data or a larger damp")
 
 
+def zero_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Inputs that never fired carry no information: zero their weights and give them a unit
+    Hessian diagonal so the factorization stays defined (in place)."""
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool, name: str):
+    """The shared set-up of every error-feedback pass (after ``zero_dead_inputs``): order the
+    columns by activation (``act_order``: the most activated first, so their error has the most
+    columns to be absorbed by), dampen, and factor. Returns ``(W, Hinv, perm)`` with ``W`` and
+    ``Hinv`` in the working order; ``perm`` is None without act-order. ``H`` is modified."""
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
+    return W, _upper_cholesky_of_inverse(H, name), perm
+
+
+def error_feedback(W: torch.Tensor, Hinv: torch.Tensor, quantize_column, block_size: int = 128):
+    """GPTQ's column loop: quantize column by column, spreading each column's error over the
+    columns not yet quantized through the upper Cholesky factor of ``H^-1``, blockwise.
+
+    ``quantize_column(c, block, i)`` quantizes column ``c`` (= ``block[:, i]`` of the current,
+    error-updated block) and returns its dequantized value; the grid is the caller's (uniform
+    for GPTQ, power-exponent for NUPES). ``W`` is updated in place.
+    """
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            wq = quantize_column(i1 + i, W1, i)
+            err = (W1[:, i:i + 1] - wq) / Hinv1[i, i]
+            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
+            Err1[:, i:i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
                          block_size: int = 128, act_order: bool = False, mse_clip: bool = True,
                          name: str = "layer"):
@@ -108,57 +151,42 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp
     if not torch.isfinite(W).all():
         raise NumericalError(f"the weights of layer {name} contain NaN/Inf")
 
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
+    zero_dead_inputs(W, H)
     gs = spec.group_size if spec.grouped else None
     col_spec = spec.replace(granularity="channel", group_size=None) if gs else spec
     if gs:
         _rows(W, spec)  # raises ConfigError when group_size does not divide in
-        scale = torch.zeros(rows, cols // gs, device=W.device)
-        zero = torch.zeros_like(scale)
         static = act_order
         if static:
             scale, zero = _qparams(W, spec, mse_clip)
+        else:
+            scale = torch.zeros(rows, cols // gs, device=W.device)
+            zero = torch.zeros_like(scale)
         block_size = max(1, block_size // gs) * gs
     else:
         static = False
         scale, zero = _qparams(W, spec, mse_clip)
 
-    perm = None
-    if act_order:  # most-activated inputs first: their errors get the most room to be absorbed
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        perm_list = perm.tolist()
-    H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
-    Hinv = _upper_cholesky_of_inverse(H, name)
-
+    W, Hinv, perm = prepare_hessian(W, H, damp, act_order, name)
+    perm_list = perm.tolist() if perm is not None else None
     W_hat = torch.zeros_like(W)
     codes = torch.zeros(rows, cols, device=W.device,
                         dtype=torch.int8 if spec.symmetric else torch.uint8)
-    s, z = (scale, zero) if not gs else (None, None)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            if gs and static:
-                g = perm_list[c] // gs
-                s, z = scale[:, g:g + 1], zero[:, g:g + 1]
-            elif gs and c % gs == 0:
-                s, z = _qparams(W1[:, i:i + gs], col_spec, mse_clip)
-                scale[:, c // gs], zero[:, c // gs] = s[:, 0], z[:, 0]
-            w = W1[:, i:i + 1]
-            q = quantize(w, s, z, col_spec)
-            wq = dequantize(q, s, z, col_spec)
-            codes[:, c:c + 1], W_hat[:, c:c + 1] = q, wq
-            err = (w - wq) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    qp = {"s": scale, "z": zero}
+
+    def quantize_column(c: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        if gs and static:
+            g = perm_list[c] // gs
+            qp["s"], qp["z"] = scale[:, g:g + 1], zero[:, g:g + 1]
+        elif gs and c % gs == 0:  # a new group: its qparams from the error-updated columns
+            qp["s"], qp["z"] = _qparams(block[:, i:i + gs], col_spec, mse_clip)
+            scale[:, c // gs], zero[:, c // gs] = qp["s"][:, 0], qp["z"][:, 0]
+        q = quantize(block[:, i:i + 1], qp["s"], qp["z"], col_spec)
+        wq = dequantize(q, qp["s"], qp["z"], col_spec)
+        codes[:, c:c + 1], W_hat[:, c:c + 1] = q, wq
+        return wq
+
+    error_feedback(W, Hinv, quantize_column, block_size)
 
     if perm is not None:
         inv = torch.argsort(perm)

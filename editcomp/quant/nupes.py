@@ -42,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from editcomp.errors import ConfigError, DataError, NumericalError
-from editcomp.quant.gptq import HessianAccumulator, _upper_cholesky_of_inverse
+from editcomp.quant.gptq import (HessianAccumulator, error_feedback, prepare_hessian,
+                                 zero_dead_inputs)
 from editcomp.quant.ops import _rows
 from editcomp.quant.spec import QuantSpec
 
@@ -330,33 +331,22 @@ def error_feedback_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, 
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     out, cols = W.shape
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     S = _dense_scale(scale.float(), spec, cols)
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H, S = W[:, perm], H[perm][:, perm], S[:, perm]
-    H.diagonal().add_(damp * torch.mean(torch.diagonal(H)))
-    Hinv = _upper_cholesky_of_inverse(H, name)
+    zero_dead_inputs(W, H)
+    W, Hinv, perm = prepare_hessian(W, H, damp, act_order, name)
+    if perm is not None:
+        S = S[:, perm]
     A = a.float().expand(out, 1)
     codes = torch.zeros(out, cols, dtype=torch.int8, device=W.device)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            w, s = W1[:, i:i + 1], S[:, c:c + 1]
-            q = torch.clamp(torch.round(to_power(w / s, A, spec.qmax)), spec.qmin, spec.qmax)
-            wq = power_levels(q, A, spec.qmax) * s
-            codes[:, c:c + 1] = q.to(torch.int8)
-            err = (w - wq) / Hinv1[i, i]
-            W1[:, i:] -= err * Hinv1[i:i + 1, i:]
-            Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def quantize_column(c: int, block: torch.Tensor, i: int) -> torch.Tensor:
+        s = S[:, c:c + 1]
+        q = torch.clamp(torch.round(to_power(block[:, i:i + 1] / s, A, spec.qmax)),
+                        spec.qmin, spec.qmax)
+        codes[:, c:c + 1] = q.to(torch.int8)
+        return power_levels(q, A, spec.qmax) * s
+
+    error_feedback(W, Hinv, quantize_column, block_size)
     return codes if perm is None else codes[:, torch.argsort(perm)]
 
 
