@@ -9,7 +9,9 @@ from editcomp.arch import get_adapter
 from editcomp.data import load_facts
 from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
 from editcomp.edit.prompts import kl_prompts_for, template_paraphrases, training_items
-from editcomp.edit.runner import ModelRunner, gather_positions, right_pad
+from editcomp.edit.locate import locate_neurons
+from editcomp.edit.prompts import TrainItem
+from editcomp.edit.runner import ModelRunner, TrainBatch, gather_positions, right_pad
 from editcomp.errors import DataError
 from editcomp.eval.edit_metrics import edit_metrics
 from editcomp.tiny import tiny_model as _tiny_model
@@ -140,6 +142,43 @@ def test_a_neuron_firing_on_unrelated_prompts_too_is_dropped(tok, fact):
     per_fact, report = locate(model, tok, items, 1, LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0), kl)
     assert NEURON in per_fact[0][last] and NEURON + 1 not in per_fact[0][last]
     assert report["generic_neurons"] >= 1
+
+
+def test_a_neuron_firing_where_every_unrelated_question_ends_is_dropped():
+    """Neuron 3 fires at the fact's last tokens and at every unrelated prompt's last token (the
+    prompt's form), neuron 5 only for the fact: with ``form_share`` only 5 is the fact's."""
+    items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,)) for lang in ("en", "de", "en", "de")]
+    acts = torch.rand(1, len(items), 64) * 0.1
+    acts[0, :, 3] = acts[0, :, 5] = 5.0
+    generic = torch.rand(1, 80, 64) * 0.1
+    ends = [10 * k + 9 for k in range(8)]  # eight unrelated prompts of 10 tokens
+    generic[0, ends, 3] = 5.0
+    generic[0, ends, torch.arange(8) + 10] = 1.0  # each end's runner-up neuron is its own
+    cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25)
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), generic, generic_ends=ends)
+    assert kept == [{0: [5]}] and report["form_neurons"] == 1 and report["generic_neurons"] == 0
+    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg, form_share=None), generic,
+                             generic_ends=ends)
+    assert kept == [{0: [3, 5]}]
+
+
+def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
+    """KL over the unedited model's top tokens (plus the edit targets) is close to the full KL
+    once the model moves, and zero before it does."""
+    model, items, kl, last = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    full, top = TrainBatch(runner, pairs, kl), TrainBatch(runner, pairs, kl, kl_vocab=16)
+    for b in (full, top):
+        b.prepare(runner, 0)
+    assert full.vocab is None and set(top.labels) <= set(top.vocab.tolist())
+    assert top.vocab.numel() < VOCAB and top.kl_ref.shape == (len(top.kl_rows), top.vocab.numel())
+    with torch.no_grad():
+        assert float(top.losses(runner, 0)[1].abs().max()) < 1e-5
+        get_adapter(model).layer(last).down.weight.add_(torch.randn_like(
+            get_adapter(model).layer(last).down.weight) * 0.5)
+        kl_full, kl_top = full.losses(runner, 0)[1].mean(), top.losses(runner, 0)[1].mean()
+    assert kl_full > 1e-3 and 0.5 * kl_full < kl_top < 1.5 * kl_full
 
 
 def last_logprobs(model, tok, seqs):

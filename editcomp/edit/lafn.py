@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.data import Fact
-from editcomp.edit.locate import (LocateConfig, generic_activations, item_activations,
-                                  locate_neurons)
+from editcomp.edit.locate import (LocateConfig, end_columns, generic_activations,
+                                  item_activations, locate_neurons)
 from editcomp.edit.prompts import PARAPHRASE_SOURCE, kl_prompts_for, training_items
 from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
 from editcomp.errors import ConfigError
@@ -32,11 +32,13 @@ from editcomp.eval.edit_metrics import greedy_continuations
 
 @dataclass
 class LAFNConfig:
-    """LAFN settings. Defaults from a few gemma3-270m / BMIKE-53 de cases (a faster lr, 0.1-0.5,
-    reaches the targets in 2-5 steps but moves unrelated answers; 0.02 keeps them but needs ~30 steps)."""
+    """LAFN settings. Defaults from 6 gemma3-270m / BMIKE-53 de cases (a faster lr, 0.1-0.5,
+    reaches the targets in fewer steps but moves unrelated answers). Since the location drops
+    prompt-form neurons (``LocateConfig.form_share``) fewer neurons carry the fact, and 30 steps
+    left half of the edits short of the target; 60 is an upper bound (``stop_nll``)."""
     locate: LocateConfig = field(default_factory=LocateConfig)
     paraphrases: int = 1          # template paraphrases added per language (prompts.py)
-    steps: int = 30               # optimizer steps (upper bound; see stop_nll)
+    steps: int = 60               # optimizer steps (upper bound; see stop_nll)
     lr: float = 0.05              # Adam, on deltas in units of the edited columns' RMS
     kl_weight: float = 5.0        # KL(unedited || edited) on unrelated prompts' next token
     norm_weight: float = 0.5      # ||D||^2 / ||W[:, idx]||^2, per column weighted (norm_on_text)
@@ -50,9 +52,13 @@ class LAFNConfig:
     kl_continuation: int = 8      # the unedited model's greedy continuation (tokens) appended to
     #                               each unrelated prompt: the KL term then covers answer positions,
     #                               where locality probes are scored, not only the question
+    kl_vocab: int | None = 64     # KL over the unedited model's top tokens per position plus the
+    #                               targets (runner.TrainBatch); None: the full vocabulary
 
     def validate(self) -> None:
         self.locate.validate()
+        if self.kl_vocab is not None and self.kl_vocab < 1:
+            raise ConfigError(f"kl_vocab must be >= 1 or None, got {self.kl_vocab}")
         if self.kl_continuation < 0:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         for name in ("steps", "batch_size"):
@@ -141,19 +147,22 @@ def _merge(groups: list[dict[int, list[int]]]) -> dict[int, list[int]]:
     return {layer: sorted(ns) for layer, ns in sorted(merged.items())}
 
 
-def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, config: LAFNConfig,
+def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, config: LAFNConfig,
                 progress: bool) -> dict:
-    """Locate and edit ``facts`` together; the weights change at the end."""
+    """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
+    unrelated prompt's own text ends (its continuation follows)."""
     runner = ModelRunner(model, tokenizer)
     acts, obs = item_activations(runner, items, config.locate.batch_size, progress)
     generic = generic_activations(runner, kl_ids, config.locate.batch_size) if kl_ids else None
-    per_fact, loc_report = locate_neurons(acts, items, len(facts), config.locate, generic, obs)
+    ends = end_columns([len(p) for p in kl_ids], kl_ends) if kl_ids else None
+    per_fact, loc_report = locate_neurons(acts, items, len(facts), config.locate, generic, obs,
+                                          ends)
     neurons = _merge(per_fact)
     if not neurons:
         return {"locate": loc_report, "neurons": {}, "train": None, "written": {}}
     start = min(neurons)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
-    batches = build_batches(runner, pairs, kl_ids, config.batch_size)
+    batches = build_batches(runner, pairs, kl_ids, config.batch_size, config.kl_vocab)
     act_sq = generic.pow(2).mean(1) if (generic is not None and config.norm_on_text) else None
     deltas = NeuronDeltas(model, neurons, act_sq)
     with frozen(model), deltas:
@@ -181,6 +190,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     used_langs = langs or list(dict.fromkeys(lang for f in facts for lang in f.langs))
     kl_texts = kl_prompts_for(used_langs, config.kl_prompts, config.kl_per_lang)
     kl_ids = [list(tokenizer(t)["input_ids"]) for t in kl_texts]
+    kl_ends = [len(p) - 1 for p in kl_ids]
     if config.kl_continuation and kl_ids:
         conts = greedy_continuations(model, tokenizer, kl_ids, config.kl_continuation)
         kl_ids = [p + c for p, c in zip(kl_ids, conts)]
@@ -190,8 +200,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         sub_items = [it for it in items if it.fact in g]
         remap = {fi: j for j, fi in enumerate(g)}
         sub_items = [replace(it, fact=remap[it.fact]) for it in sub_items]
-        runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, config,
-                                progress and len(groups) < 2))
+        runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, kl_ends,
+                                config, progress and len(groups) < 2))
     hist = [0] * get_adapter(model).num_layers
     per_fact = []
     for g, r in zip(groups, runs):

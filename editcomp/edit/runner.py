@@ -62,9 +62,15 @@ class ModelRunner:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._layers = _layer_list(self.adapter)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states -> logits (with the family's final soft-capping, if any)."""
-        logits = self.adapter.lm_head(hidden).float()
+    def head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states -> logits (with the family's final soft-capping, if any);
+        with ``vocab`` (token ids) only those columns, in that order."""
+        lm = self.adapter.lm_head
+        if vocab is None:
+            logits = lm(hidden).float()
+        else:
+            bias = lm.bias[vocab] if lm.bias is not None else None
+            logits = torch.nn.functional.linear(hidden, lm.weight[vocab], bias).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -119,10 +125,16 @@ def gather_positions(hidden: torch.Tensor, rows: list[int], cols: list[int]) -> 
 class TrainBatch:
     """A padded batch of (prompt, target) sequences and unrelated (KL) prompts, with the positions
     the losses read: each target token is predicted at the position before it; KL prompts are
-    compared at every position after their first token."""
+    compared at every position after their first token.
+
+    ``kl_vocab``: the KL compares the unedited and edited next-token distributions renormalized
+    over the unedited model's ``kl_vocab`` most likely tokens at each KL position plus every edit
+    target token (None: the full vocabulary). A 262k-token output layer at every KL position is
+    otherwise most of an edit step's time; the tokens that matter for keeping unrelated answers are
+    the ones the model already ranks high and the ones the edit pushes up."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
-                 kl_prompts: list[list[int]]):
+                 kl_prompts: list[list[int]], kl_vocab: int | None = None):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
         self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
@@ -142,6 +154,8 @@ class TrainBatch:
         dev = runner.device
         self.labels_t = torch.tensor(self.labels, dtype=torch.long, device=dev)
         self.owner_t = torch.tensor(self.owner, dtype=torch.long, device=dev)
+        self.kl_vocab = kl_vocab
+        self.vocab: torch.Tensor | None = None   # the KL's token ids (None: all)
         self.cached: torch.Tensor | None = None
         self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
 
@@ -160,7 +174,8 @@ class TrainBatch:
             hits = (logits.argmax(-1) == self.labels_t).detach().cpu()
         kl = h.new_zeros(len(self.kl_rows))
         if self.kl_rows and self.kl_ref is not None:
-            logp = torch.log_softmax(runner.head(gather_positions(h, self.kl_rows, self.kl_cols)), -1)
+            logp = torch.log_softmax(
+                runner.head(gather_positions(h, self.kl_rows, self.kl_cols), self.vocab), -1)
             kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1)
         return nll, kl, hits
 
@@ -170,8 +185,12 @@ class TrainBatch:
         self.cached = cached if start > 0 else None
         if self.kl_rows:
             with torch.no_grad():
-                self.kl_ref = torch.log_softmax(
-                    runner.head(gather_positions(h, self.kl_rows, self.kl_cols)), -1).detach()
+                logits = runner.head(gather_positions(h, self.kl_rows, self.kl_cols))
+                if self.kl_vocab is not None and self.kl_vocab < logits.shape[-1]:
+                    top = logits.topk(self.kl_vocab, dim=-1).indices.flatten()
+                    self.vocab = torch.cat([top, self.labels_t]).unique()
+                    logits = logits[:, self.vocab]
+                self.kl_ref = torch.log_softmax(logits, -1).detach()
 
 
 @contextlib.contextmanager
@@ -188,11 +207,12 @@ def frozen(model):
 
 
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
-                  kl_prompts: list[list[int]], batch_size: int) -> list[TrainBatch]:
+                  kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None
+                  ) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together); every chunk carries the KL prompts."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    return [TrainBatch(runner, [pairs[i] for i in c], kl_prompts) for c in chunks]
+    return [TrainBatch(runner, [pairs[i] for i in c], kl_prompts, kl_vocab) for c in chunks]
 
 
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
