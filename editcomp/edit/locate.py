@@ -229,13 +229,18 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
 
 
 def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: LocateConfig,
-           kl_prompts: list[list[int]] | None = None, progress: bool = False
-           ) -> tuple[list[dict[int, list[int]]], dict]:
-    """Run the training prompts (and unrelated prompts) and locate each fact's neurons."""
+           kl_prompts: list[list[int]] | None = None, progress: bool = False,
+           kl_ends: list[int] | None = None) -> tuple[list[dict[int, list[int]]], dict]:
+    """Run the training prompts (and unrelated prompts) and locate each fact's neurons.
+
+    ``kl_ends``: the position where each unrelated prompt's own text ends, when a continuation is
+    appended to it (as ``lafn_edit`` does); default: its last token."""
     runner = ModelRunner(model, tokenizer)
     acts, obs = item_activations(runner, items, config.batch_size, progress)
     generic = generic_activations(runner, kl_prompts, config.batch_size) if kl_prompts else None
-    ends = end_columns([len(p) for p in kl_prompts], [len(p) - 1 for p in kl_prompts]) if kl_prompts else None
+    if kl_prompts and kl_ends is None:
+        kl_ends = [len(p) - 1 for p in kl_prompts]
+    ends = end_columns([len(p) for p in kl_prompts], kl_ends) if kl_prompts else None
     per_fact, report = locate_neurons(acts, items, n_facts, config, generic, obs, ends)
     report["model"] = get_adapter(model).describe()
     return per_fact, report
