@@ -432,28 +432,48 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                                                  "all together).")
 @click.option("--paraphrases", default=None, type=int,
               help="Template paraphrases added per language for locating and training "
-                   "[default: 2]; evaluation probes are never used.")
+                   "[default: lafn 1, ft-l 2]; evaluation probes are never used.")
+@click.option("--steps", default=None, type=int,
+              help="Optimizer steps at most [default: lafn 60, ft-l 25].")
+@click.option("--top-frac", default=None, type=float,
+              help="lafn: a neuron is a candidate for a prompt when its |activation| is in its "
+                   "layer's top fraction [default: 0.02].")
+@click.option("--share", default=None, type=float,
+              help="lafn: ... and the fact's when a candidate for this share of its prompts, "
+                   "all languages together [default: 0.9].")
+@click.option("--max-neurons", default=None, type=int,
+              help="lafn: neurons per fact at most, the most consistent first [default: 48].")
+@click.option("--form-share", default=None, type=float,
+              help="lafn: drop neurons that are candidates where this share of the unrelated "
+                   "prompts end: they mark a prompt's form, not the fact [default: 0.25; 1 "
+                   "keeps almost all].")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @device_option
 @dtype_option
 @json_option
-def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases,
-             report_file, force, device, dtype, as_json):
+def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
+             top_frac, share, max_neurons, form_share, report_file, force, device, dtype,
+             as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
     Example:
       editcomp edit examples/facts.jsonl --model gemma3-270m --langs en,de --out out/edited
     """
-    from editcomp.edit import FTLConfig, LAFNConfig
+    from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig
     from editcomp.jobs import EditConfig, edit_job
 
-    if method == "ft-l" and sequential:
-        raise EditcompError("--sequential applies to --method lafn only")
-    extra = {} if paraphrases is None else {"paraphrases": paraphrases}
-    config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential, **extra))
+    where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
+             "form_share": form_share}
+    where = {k: v for k, v in where.items() if v is not None}
+    if method == "ft-l" and (sequential or where):
+        raise EditcompError("--sequential, --top-frac, --share, --max-neurons and --form-share "
+                            "apply to --method lafn only")
+    extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
+    config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
+                                                        locate=LocateConfig(**where), **extra))
               if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(**extra)))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype)
