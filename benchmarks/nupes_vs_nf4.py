@@ -31,8 +31,8 @@ from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import token_windows  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.quant.nf4 import NF4Config, quantize_4bit_weight  # noqa: E402
-from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, nupes_quantize,  # noqa: E402
-                                  search_exponent)
+from editcomp.quant.nupes import (NUPESConfig, _absmax, nupes_dequantize,  # noqa: E402
+                                  nupes_quantize, search_exponent)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
@@ -43,7 +43,7 @@ def nupes_weight(W: torch.Tensor, config: NUPESConfig, exponent: float | None = 
         a, s, _ = search_exponent(W, config)
     else:
         a = torch.full((W.shape[0], 1), exponent)
-        s = W.abs().reshape(W.shape[0], -1, config.group_size).amax(-1).clamp_min(1e-20) / config.spec.qmax
+        s = _absmax(W, config.spec) / config.spec.qmax
     return nupes_dequantize(nupes_quantize(W, s, a, config.spec), s, a, config.spec)
 
 

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.data import Fact
-from editcomp.edit.locate import (LocateConfig, end_columns, generic_activations,
-                                  item_activations, locate_neurons)
+from editcomp.edit.locate import LocateConfig, run_and_locate
 from editcomp.edit.prompts import PARAPHRASE_SOURCE, kl_prompts_for, training_items
 from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
 from editcomp.errors import ConfigError
@@ -152,11 +151,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
     unrelated prompt's own text ends (its continuation follows)."""
     runner = ModelRunner(model, tokenizer)
-    acts, obs = item_activations(runner, items, config.locate.batch_size, progress)
-    generic = generic_activations(runner, kl_ids, config.locate.batch_size) if kl_ids else None
-    ends = end_columns([len(p) for p in kl_ids], kl_ends) if kl_ids else None
-    per_fact, loc_report = locate_neurons(acts, items, len(facts), config.locate, generic, obs,
-                                          ends)
+    per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
+                                                   kl_ids, kl_ends, progress)
     neurons = _merge(per_fact)
     if not neurons:
         return {"locate": loc_report, "neurons": {}, "train": None, "written": {}}

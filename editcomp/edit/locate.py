@@ -19,6 +19,7 @@ overlap between languages) as JSON.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -108,7 +109,7 @@ def generic_activations(runner: ModelRunner, prompts: list[list[int]], batch_siz
 def end_columns(lengths: list[int], ends: list[int]) -> list[int]:
     """Columns of ``generic_activations`` (sequences of ``lengths``) at position ``ends[k]`` of
     sequence k: e.g. where an unrelated question ends, before its appended continuation."""
-    offsets = [sum(lengths[:k]) for k in range(len(lengths))]
+    offsets = itertools.accumulate(lengths, initial=0)
     return [o + e for o, e in zip(offsets, ends)]
 
 
@@ -228,6 +229,22 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     return per_fact, report
 
 
+def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, config: LocateConfig,
+                   kl_prompts: list[list[int]] | None = None, kl_ends: list[int] | None = None,
+                   progress: bool = False):
+    """Run the training and unrelated prompts and locate -> ``(per_fact, report, generic)``
+    (``generic``: the unrelated prompts' activations, or None; ``kl_ends`` as in ``locate``)."""
+    acts, obs = item_activations(runner, items, config.batch_size, progress)
+    generic, ends = None, None
+    if kl_prompts:
+        generic = generic_activations(runner, kl_prompts, config.batch_size)
+        if kl_ends is None:
+            kl_ends = [len(p) - 1 for p in kl_prompts]
+        ends = end_columns([len(p) for p in kl_prompts], kl_ends)
+    per_fact, report = locate_neurons(acts, items, n_facts, config, generic, obs, ends)
+    return per_fact, report, generic
+
+
 def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: LocateConfig,
            kl_prompts: list[list[int]] | None = None, progress: bool = False,
            kl_ends: list[int] | None = None) -> tuple[list[dict[int, list[int]]], dict]:
@@ -235,12 +252,7 @@ def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: Locat
 
     ``kl_ends``: the position where each unrelated prompt's own text ends, when a continuation is
     appended to it (as ``lafn_edit`` does); default: its last token."""
-    runner = ModelRunner(model, tokenizer)
-    acts, obs = item_activations(runner, items, config.batch_size, progress)
-    generic = generic_activations(runner, kl_prompts, config.batch_size) if kl_prompts else None
-    if kl_prompts and kl_ends is None:
-        kl_ends = [len(p) - 1 for p in kl_prompts]
-    ends = end_columns([len(p) for p in kl_prompts], kl_ends) if kl_prompts else None
-    per_fact, report = locate_neurons(acts, items, n_facts, config, generic, obs, ends)
+    per_fact, report, _ = run_and_locate(ModelRunner(model, tokenizer), items, n_facts, config,
+                                         kl_prompts, kl_ends, progress)
     report["model"] = get_adapter(model).describe()
     return per_fact, report
