@@ -6,7 +6,8 @@ an honest comparison: NUPES data-driven uses act-order in its error feedback), N
 (bitsandbytes, 4-bit, block = group size), NUPES data-free, NUPES data-driven, and a transform
 (OSTQuant when ``editcomp.quant.ostquant`` exists, else QuaRot) with uniform GPTQ weights and
 with NUPES weights. Every row is evaluated on the same WikiText-2 *test* windows; calibration
-windows come from *valid* only. Prints a markdown table, writes JSON after every row (so an
+windows come from *valid* only. Ablations of the data-free grid: ``nupes-df-sym`` (symmetric
+scales: 2^b - 1 levels inside the range) and ``uniform-signed`` (signed scales, exponent 1). Prints a markdown table, writes JSON after every row (so an
 interrupted run keeps what it measured) and a histogram of the NUPES exponents.
 
 Example (quick look): ``python benchmarks/nupes.py --windows 2 --rows w3:rtn,gptq,nupes-dd``
@@ -35,7 +36,8 @@ from editcomp.quant.pipeline import QuantizeConfig, quantize  # noqa: E402
 from editcomp.quant.runtime import quant_linears  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
-METHODS = ("rtn", "gptq", "gptq-ao", "nf4", "fp4", "nupes-df", "nupes-dd", "xform", "xform-nupes")
+METHODS = ("rtn", "gptq", "gptq-ao", "nf4", "fp4", "nupes-df", "nupes-dd", "xform", "xform-nupes",
+           "nupes-df-sym", "uniform-signed")
 
 
 def has_ostquant() -> bool:
@@ -80,6 +82,12 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
         return QuantizeConfig(bits=b, method=method, group_size=group or 64)
     if method == "nupes-df":
         return QuantizeConfig(bits=b, method="nupes", group_size=group, nupes=df)
+    if method == "nupes-df-sym":  # ablation: symmetric scales (2^b - 1 levels in the range)
+        return QuantizeConfig(bits=b, method="nupes", group_size=group,
+                              nupes=NUPESConfig(data_free=True, signed_scale=False, **extra))
+    if method == "uniform-signed":  # ablation: signed scales, exponent fixed at 1 (uniform)
+        return QuantizeConfig(bits=b, method="nupes", group_size=group,
+                              nupes=NUPESConfig(data_free=True, min_exponent=1.0, **extra))
     if method == "nupes-dd":
         return QuantizeConfig(bits=b, method="nupes", group_size=group, nupes=dd)
     if method == "xform":

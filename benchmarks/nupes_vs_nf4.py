@@ -31,20 +31,21 @@ from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import token_windows  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.quant.nf4 import NF4Config, quantize_4bit_weight  # noqa: E402
-from editcomp.quant.nupes import (NUPESConfig, _absmax, nupes_dequantize,  # noqa: E402
+from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, range_ref,  # noqa: E402
                                   nupes_quantize, search_exponent)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def nupes_weight(W: torch.Tensor, config: NUPESConfig, exponent: float | None = None):
-    """Data-free NUPES of ``W`` (``exponent``: that exponent for every channel, scale = absmax/Q)."""
+    """Data-free NUPES of ``W`` (``exponent``: that exponent for every channel, scale = range / R, clip 1)."""
     if exponent is None:
         a, s, _ = search_exponent(W, config)
     else:
         a = torch.full((W.shape[0], 1), exponent)
-        s = _absmax(W, config.spec) / config.spec.qmax
-    return nupes_dequantize(nupes_quantize(W, s, a, config.spec), s, a, config.spec)
+        s = range_ref(W, config.spec, config.signed_scale) / config.range_code
+    rc = config.range_code
+    return nupes_dequantize(nupes_quantize(W, s, a, config.spec, rc), s, a, config.spec, rc)
 
 
 def main():

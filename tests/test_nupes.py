@@ -11,12 +11,12 @@ from editcomp.errors import ConfigError, DataError
 from editcomp.quant.gptq import HessianAccumulator, gptq_quantize_weight, rtn_quantize_weight
 from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, nupes_quantize,
                                   nupes_quantize_weight, nupes_weights, output_error, power_lut,
-                                  lut_dequantize, search_exponent)
+                                  lut_dequantize, range_ref, search_exponent)
 from editcomp.quant.nupes_linear import NUPESLinear
 from editcomp.quant.ops import compute_qparams, dequantize, quantize
 from editcomp.quant.checkpoint_io import save_quantized
 from editcomp.quant.pipeline import QuantizeConfig, quantize as pipeline_quantize
-from editcomp.quant.runtime import quant_linears
+from editcomp.quant.runtime import quant_linears, spec_to_dict
 from editcomp.tiny import tiny_model, tiny_tokenizer
 
 
@@ -28,28 +28,60 @@ def _laplace(rows=64, cols=512, seed=0):
 
 @pytest.mark.parametrize("bits,group", [(3, None), (4, 32), (8, None), (2, 64)])
 def test_exponent_one_is_uniform_symmetric_rtn_exactly(bits, group):
-    cfg = NUPESConfig(bits=bits, group_size=group)
+    cfg = NUPESConfig(bits=bits, group_size=group, signed_scale=False)
     W = _laplace()
     scale, zero = compute_qparams(W, cfg.spec)
     a = torch.ones(W.shape[0], 1)
-    codes = nupes_quantize(W, scale, a, cfg.spec)
+    codes = nupes_quantize(W, scale, a, cfg.spec, cfg.range_code)
     ref = quantize(W, scale, zero, cfg.spec)
     assert torch.equal(codes, ref)
-    assert torch.equal(nupes_dequantize(codes, scale, a, cfg.spec),
+    assert torch.equal(nupes_dequantize(codes, scale, a, cfg.spec, cfg.range_code),
                        dequantize(ref, scale, zero, cfg.spec))
+
+
+@pytest.mark.parametrize("bits,group", [(3, None), (4, 32), (2, 64)])
+def test_signed_scale_puts_each_extreme_on_code_qmin_exactly(bits, group):
+    cfg = NUPESConfig(bits=bits, group_size=group)
+    W = _laplace(rows=16, cols=128)
+    W[3, 5] = 0.5  # a positive extreme: that scale must come out negative
+    rows = W.reshape(16, -1, group or 128)
+    ext = rows.gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    ref = range_ref(W, cfg.spec, signed=True).reshape(ext.shape)
+    assert torch.equal(ref, -ext) and cfg.range_code == 2 ** (bits - 1)
+    for a in (1.0, 0.6):
+        s = ref.reshape(range_ref(W, cfg.spec, True).shape) / cfg.range_code
+        A = torch.full((16, 1), a)
+        codes = nupes_quantize(W, s, A, cfg.spec, cfg.range_code)
+        hat = nupes_dequantize(codes, s, A, cfg.spec, cfg.range_code)
+        # every extreme is code qmin and comes back exactly; all 2^b codes are in use
+        c = codes.reshape(rows.shape).gather(-1, rows.abs().argmax(-1, keepdim=True))
+        assert c.eq(cfg.spec.qmin).all()
+        h = hat.reshape(rows.shape).gather(-1, rows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        torch.testing.assert_close(h, ext, rtol=1e-6, atol=0)
+        assert codes.unique().numel() == 2 ** bits
+
+
+def test_signed_scale_search_has_lower_error_than_symmetric():
+    W = _laplace(rows=32, cols=512)
+    for bits, group in ((4, 64), (3, None)):
+        signed = search_exponent(W, NUPESConfig(bits=bits, group_size=group))
+        sym = search_exponent(W, NUPESConfig(bits=bits, group_size=group, signed_scale=False))
+        assert signed[2].sum() < 0.95 * sym[2].sum()  # one more level inside the range
+        assert (signed[1] < 0).any() and (sym[1] > 0).all()
 
 
 def _brute_force(W, cfg, a_values):
     """Per-row error at each a of a fine grid, each with the best clip of cfg.clip_grid."""
-    spec = cfg.spec
-    amax = W.abs().amax(1, keepdim=True)
+    spec, rc = cfg.spec, cfg.range_code
+    ref = range_ref(W, spec, cfg.signed_scale)
     errs = []
     for a in a_values:
         A = torch.full((W.shape[0], 1), float(a))
         best = None
         for c in cfg.clip_grid:
-            s = amax * c / spec.qmax
-            e = (nupes_dequantize(nupes_quantize(W, s, A, spec), s, A, spec) - W).square().sum(1)
+            s = ref * c / rc
+            e = (nupes_dequantize(nupes_quantize(W, s, A, spec, rc), s, A, spec, rc)
+                 - W).square().sum(1)
             best = e if best is None else torch.minimum(best, e)
         errs.append(best)
     return torch.stack(errs)  # [n_a, rows]
@@ -62,16 +94,18 @@ def test_data_free_search_finds_the_optimum_on_laplace_weights():
     grid = torch.linspace(cfg.min_exponent, 1.0, 71)
     brute = _brute_force(W, cfg, grid)
     opt_err, opt_k = brute.min(0)
-    # as good as a 71-point brute force (within 0.5%), at the same exponent for most rows (the
-    # minimum is flat, so a few rows land on another point of equal error)
-    assert (err <= opt_err * 1.005).all()
+    # as good as a 71-point brute force (0.5% in total, 3% per row: a row's error curve has
+    # small bumps where a level crosses its extreme weight, so the golden section can settle in
+    # a neighbouring dip), at the same exponent for most rows
+    assert err.sum() <= opt_err.sum() * 1.005 and (err <= opt_err * 1.03).all()
     assert (a[:, 0] - grid[opt_k]).abs().median() < 0.01
     assert 0.5 < float(a.median()) < 0.8  # Laplace at 4 bits: the optimum is near a = 0.65
     # Laplace weights want more levels near zero: a < 1, clearly better than uniform (a = 1)
     assert (a < 0.9).all()
     assert err.sum() < 0.85 * brute[-1].sum()
     # the reported error is the real reconstruction error of the returned (a, scale)
-    real = (nupes_dequantize(nupes_quantize(W, scale, a, cfg.spec), scale, a, cfg.spec)
+    rc = cfg.range_code
+    real = (nupes_dequantize(nupes_quantize(W, scale, a, cfg.spec, rc), scale, a, cfg.spec, rc)
             - W).square().sum(1)
     torch.testing.assert_close(real, err, rtol=1e-3, atol=0)
 
@@ -89,17 +123,17 @@ def test_lut_dequant_equals_the_formula():
     for group in (None, 32):
         cfg = NUPESConfig(bits=3, group_size=group)
         a, scale, _ = search_exponent(W, cfg)
-        codes = nupes_quantize(W, scale, a, cfg.spec)
-        lut = power_lut(a, 3)
+        codes = nupes_quantize(W, scale, a, cfg.spec, 4)
+        lut = power_lut(a, 3, 4)
         assert lut.shape == (8, 8)
         via_lut = lut_dequantize(codes, scale, lut, cfg.spec)
-        assert torch.equal(via_lut, nupes_dequantize(codes, scale, a, cfg.spec))
-        # the table holds the formula s * sign(q) Q (|q|/Q)^(1/a), elementwise (pow: <= 1 ulp)
+        assert torch.equal(via_lut, nupes_dequantize(codes, scale, a, cfg.spec, 4))
+        # the table holds the formula s * sign(q) R (|q|/R)^(1/a), elementwise (pow: <= 1 ulp)
         q = codes.float().reshape(8, -1, group or 128)
-        formula = (torch.sign(q) * 3 * (q.abs() / 3).pow(1 / a[:, :, None])
+        formula = (torch.sign(q) * 4 * (q.abs() / 4).pow(1 / a[:, :, None])
                    * (scale[..., None] if group else scale[:, :, None])).reshape(8, 128)
         torch.testing.assert_close(via_lut, formula, rtol=1e-6, atol=0)
-        assert lut[:, 4].eq(0).all() and lut[:, 7].eq(3).all()  # codes 0 and Q are exact
+        assert lut[:, 4].eq(0).all() and lut[:, 0].eq(-4).all()  # codes 0 and -R are exact
 
 
 def _layer_data(seed=0, n=256, cols=128, rows=96):
@@ -131,7 +165,7 @@ def test_learned_codes_exponent_and_scales_lower_the_output_error():
     assert info["err_learned"] < 0.85 * info["err_data_free"]  # learning alone, from data-free
     assert info["err"] == info["err_learned"]
     assert not torch.equal(a, a0)  # the exponents moved
-    q0 = nupes_quantize(W, search_exponent(W, cfg)[1], a0, cfg.spec)
+    q0 = nupes_quantize(W, search_exponent(W, cfg)[1], a0, cfg.spec, cfg.range_code)
     assert ((codes.int() - q0.int()).abs() >= 1).any()
     # never worse than where it started: error feedback + learning <= error feedback alone
     ef = nupes_quantize_weight(W, NUPESConfig(bits=3, steps=0), H)[4]["err"]
@@ -172,13 +206,22 @@ def test_pipeline_pack_and_reload_give_identical_logits(tmp_path, tok, data_free
 def test_model_weights_before_packing_equal_the_lut_weights():
     model = tiny_model("qwen2")
     codes, _ = nupes_weights(model, NUPESConfig(bits=4, data_free=True), progress=False)
-    name, (q, s, a) = next(iter(codes.items()))
+    name, (q, s, a, rc) = next(iter(codes.items()))
+    assert rc == 8 and (s < 0).any()  # signed scales by default
     W_hat = dict(model.named_modules())[name].weight.detach()
     lin = torch.nn.Linear(W_hat.shape[1], W_hat.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(W_hat)
-    m = NUPESLinear.from_float(lin, NUPESConfig(bits=4).spec, W_hat_codes=(q, s, a))
+    m = NUPESLinear.from_float(lin, NUPESConfig(bits=4).spec, W_hat_codes=(q, s, a, rc))
     assert torch.equal(m.dequantize_weight(), W_hat)
+
+
+def test_checkpoint_without_range_code_loads_as_symmetric():
+    """Checkpoints written before signed scales carry no ``range_code``: R = 2^(b-1) - 1."""
+    m = NUPESLinear.from_quant_config({"kind": "nupes", "shape": [4, 8], "bias": False,
+                                       "weight": spec_to_dict(NUPESConfig(bits=3).spec)})
+    assert m.rc == 3
+    assert NUPESLinear.from_quant_config(m.quant_config() | {"range_code": 4}).rc == 4
 
 
 def test_per_layer_exponent_round_trips(tmp_path, tok):
@@ -268,9 +311,9 @@ def test_quarot_then_nupes_weights_keeps_the_online_hadamard(tmp_path, tok):
 
 def test_rtn_baseline_is_reproduced_by_nupes_with_exponent_one():
     W = _laplace(rows=16, cols=64)
-    spec = NUPESConfig(bits=4).spec
-    W_rtn, q, s, _ = rtn_quantize_weight(W, spec)
-    assert torch.equal(nupes_dequantize(q, s, torch.ones(16, 1), spec), W_rtn)
+    cfg = NUPESConfig(bits=4, signed_scale=False)
+    W_rtn, q, s, _ = rtn_quantize_weight(W, cfg.spec)
+    assert torch.equal(nupes_dequantize(q, s, torch.ones(16, 1), cfg.spec, cfg.range_code), W_rtn)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

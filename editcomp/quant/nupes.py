@@ -1,12 +1,21 @@
 """NUPES: non-uniform weight quantization by power-exponent search (Yvinec et al., arXiv 2308.05600).
 
-The operator (symmetric, b bits, ``Q = 2^(b-1) - 1``, uniform scale ``s`` as in ``ops``: the range
-is ``s * Q``). A weight is read in uniform units ``u = w / s`` and mapped into the power space
-``t = sign(u) Q (|u| / Q)^a``; the code is ``q = clamp(round(t), qmin, qmax)`` and the value
-``w_hat = s * sign(q) Q (|q| / Q)^(1/a)``. With ``0 < a < 1`` more of the ``2^b`` levels sit near
-zero, where bell-shaped weights are dense. ``a = 1`` is computed without the power, so it *is*
-uniform symmetric RTN, bit for bit. The ``2^b`` normalized levels of a channel form a lookup table
-(``power_lut``): dequantization is a gather times the scale (``nupes_linear.NUPESLinear``).
+The operator (b bits, codes ``qmin = -2^(b-1) .. qmax = 2^(b-1) - 1``, range code ``R``, scale
+``s``: the range is ``s * R``). A weight is read in uniform units ``u = w / s`` and mapped into the
+power space ``t = sign(u) R (|u| / R)^a``; the code is ``q = clamp(round(t), qmin, qmax)`` and the
+value ``w_hat = s * sign(q) R (|q| / R)^(1/a)``. With ``0 < a < 1`` more of the ``2^b`` levels sit
+near zero, where bell-shaped weights are dense. ``a = 1`` is computed without the power (uniform).
+
+Signed scales (``NUPESConfig.signed_scale``, the default): ``R = 2^(b-1)`` and each scale takes the
+sign that puts its group's (or channel's) extreme weight on code ``qmin`` -- every one of the
+``2^b`` codes is then a level inside the range, 8 on the extreme's side at 4 bits, as NF4's 16
+levels are (and as llama.cpp's Q4_0 does for a uniform grid). Symmetric (``signed_scale=False``):
+``R = qmax`` with a positive scale; code ``qmin`` lies outside the range and is reached only by
+clipping, so 4 bits give 15 levels, and ``a = 1`` *is* ``ops``' symmetric RTN bit for bit.
+Measured on smollm2-135m, 4 bits, group 64 (``benchmarks/nupes_vs_nf4.py``): uniform grids give
+ppl 24.9 symmetric vs 21.6 signed (NF4: 20.6). The ``2^b`` normalized levels of a channel form a
+lookup table (``power_lut``): dequantization is a gather times the scale
+(``nupes_linear.NUPESLinear``).
 
 Two modes (``NUPESConfig.data_free``):
 
@@ -62,6 +71,7 @@ class NUPESConfig:
     ``steps`` Adam steps per linear (``lr`` for the code pre-image in code units,
     ``lr_exponent`` / ``lr_scale`` for ``a`` and log-scales) on a rank-``hessian_rank``
     Hessian. ``min_calib_tokens``: fewer calibration tokens than this is an error.
+    ``signed_scale``: all ``2^b`` codes inside the range (see the module docstring).
     """
 
     bits: int = 4
@@ -84,6 +94,7 @@ class NUPESConfig:
     lr_scale: float = 1e-3
     hessian_rank: int = 64
     min_calib_tokens: int = 1024
+    signed_scale: bool = True
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
 
@@ -104,6 +115,11 @@ class NUPESConfig:
             raise ConfigError("NUPES steps and golden_iters must be >= 0, exponent_grid >= 2")
 
     @property
+    def range_code(self) -> int:
+        """``R``: the code magnitude at the end of a scale's range."""
+        return range_code(self.bits, self.signed_scale)
+
+    @property
     def spec(self) -> QuantSpec:
         """The weight spec (symmetric; per channel or per group)."""
         if self.group_size is None:
@@ -113,38 +129,43 @@ class NUPESConfig:
 
 # ---- the operator ---------------------------------------------------------------------------
 
+def range_code(bits: int, signed_scale: bool) -> int:
+    """``R = 2^(b-1)`` with signed scales (code ``qmin`` is the extreme), else ``2^(b-1) - 1``."""
+    return 2 ** (bits - 1) - (0 if signed_scale else 1)
+
+
 def _is_one(a: torch.Tensor) -> torch.Tensor:
     return a == 1.0
 
 
-def to_power(u: torch.Tensor, a: torch.Tensor, qmax: int) -> torch.Tensor:
-    """``sign(u) Q (|u|/Q)^a`` (``u`` in uniform units); exactly ``u`` where ``a == 1``."""
+def to_power(u: torch.Tensor, a: torch.Tensor, rc: int) -> torch.Tensor:
+    """``sign(u) R (|u|/R)^a`` (``u`` in uniform units); exactly ``u`` where ``a == 1``."""
     a = torch.as_tensor(a, dtype=u.dtype, device=u.device)
-    t = torch.sign(u) * qmax * (u.abs() / qmax).pow(a)
+    t = torch.sign(u) * rc * (u.abs() / rc).pow(a)
     return torch.where(_is_one(a), u, t)
 
 
-def power_levels(codes: torch.Tensor, a: torch.Tensor, qmax: int,
+def power_levels(codes: torch.Tensor, a: torch.Tensor, rc: int,
                  exact_one: bool = True) -> torch.Tensor:
-    """Normalized values of integer ``codes``: ``sign(q) Q (|q|/Q)^(1/a)``; ``q`` where ``a == 1``.
+    """Normalized values of integer ``codes``: ``sign(q) R (|q|/R)^(1/a)``; ``q`` where ``a == 1``.
 
-    The base ``|q|/Q`` is clamped to ``>= 1/Q`` before the power (only ``q = 0`` is below, and
+    The base ``|q|/R`` is clamped to ``>= 1/R`` before the power (only ``q = 0`` is below, and
     it maps to 0 anyway), so the gradient w.r.t. ``a`` is finite everywhere. ``exact_one=False``
     drops the ``a == 1`` shortcut (which has no gradient w.r.t. ``a``) for learning.
     """
     c = codes.float()
     a = torch.as_tensor(a, dtype=c.dtype, device=c.device)
-    base = (c.abs() / qmax).clamp_min(1.0 / qmax)
-    v = torch.sign(c) * qmax * base.pow(1.0 / a)
+    base = (c.abs() / rc).clamp_min(1.0 / rc)
+    v = torch.sign(c) * rc * base.pow(1.0 / a)
     return torch.where(_is_one(a), c, v) if exact_one else v
 
 
-def power_lut(a: torch.Tensor, bits: int) -> torch.Tensor:
+def power_lut(a: torch.Tensor, bits: int, rc: int) -> torch.Tensor:
     """The lookup table ``[E, 2^b]`` of normalized levels for codes ``qmin .. qmax`` per exponent
-    (``a`` of shape ``[E, 1]``)."""
-    qmax = 2 ** (bits - 1) - 1
-    codes = torch.arange(-(qmax + 1), qmax + 1, device=a.device, dtype=torch.float32)
-    return power_levels(codes[None, :], a.float().reshape(-1, 1), qmax)
+    (``a`` of shape ``[E, 1]``; ``rc`` the range code ``R``)."""
+    half = 2 ** (bits - 1)
+    codes = torch.arange(-half, half, device=a.device, dtype=torch.float32)
+    return power_levels(codes[None, :], a.float().reshape(-1, 1), rc)
 
 
 def _expand_rows(a: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -157,24 +178,23 @@ def _scale_rows(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def nupes_quantize(W: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
-                   spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (int8) of ``W [out, in]`` for uniform-unit ``scale`` and exponent ``a``."""
+                   spec: QuantSpec, rc: int) -> torch.Tensor:
+    """Integer codes (int8) of ``W [out, in]`` for ``scale``, exponent ``a`` and range code ``rc``."""
     rows = _rows(W.float(), spec)
-    t = to_power(rows / _scale_rows(scale.float(), spec), _expand_rows(a.float(), spec),
-                 spec.qmax)
+    t = to_power(rows / _scale_rows(scale.float(), spec), _expand_rows(a.float(), spec), rc)
     return torch.clamp(torch.round(t), spec.qmin, spec.qmax).reshape(W.shape).to(torch.int8)
 
 
 def nupes_dequantize(codes: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
-                     spec: QuantSpec) -> torch.Tensor:
-    """``s * sign(q) Q (|q|/Q)^(1/a)``, fp32 ``[out, in]``.
+                     spec: QuantSpec, rc: int) -> torch.Tensor:
+    """``s * sign(q) R (|q|/R)^(1/a)``, fp32 ``[out, in]``.
 
     Evaluated through the ``2^b``-entry table of each exponent row (``power_lut``), exactly as
     ``NUPESLinear`` does, so the weights written during quantization and the ones a reloaded
     checkpoint computes are bit-identical (an elementwise ``pow`` may differ by an ulp between
     vectorized and scalar code paths).
     """
-    return lut_dequantize(codes, scale, power_lut(a, spec.bits), spec)
+    return lut_dequantize(codes, scale, power_lut(a, spec.bits, rc), spec)
 
 
 def lut_dequantize(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor,
@@ -189,10 +209,16 @@ def lut_dequantize(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor,
 
 # ---- data-free search -----------------------------------------------------------------------
 
-def _absmax(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-channel / per-group absmax in the public scale layout (``[out, 1]`` / ``[out, g]``)."""
-    m = _rows(W.float(), spec).abs().amax(-1, keepdim=True)
-    m = torch.where(m > 1e-20, m, torch.ones_like(m))
+def range_ref(W: torch.Tensor, spec: QuantSpec, signed: bool) -> torch.Tensor:
+    """What a clip-1 scale spans, in the public scale layout (``[out, 1]`` / ``[out, g]``):
+    the absmax, or with ``signed`` minus the extreme weight (so ``w_extreme / s = -R``)."""
+    rows = _rows(W.float(), spec)
+    m = rows.abs().amax(-1, keepdim=True)
+    ok = m > 1e-20
+    if signed:
+        ext = rows.gather(-1, rows.abs().argmax(-1, keepdim=True))
+        m = torch.where(ext > 0, -m, m)
+    m = torch.where(ok, m, torch.ones_like(m))
     return m.squeeze(-1) if spec.grouped else m
 
 
@@ -205,31 +231,34 @@ class _SortedRows:
     per scale instead of ``O(n)``, so ``(a, clip)`` can be searched on fine grids.
     """
 
-    def __init__(self, W: torch.Tensor, spec: QuantSpec):
+    def __init__(self, W: torch.Tensor, spec: QuantSpec, rc: int, signed: bool):
+        """``signed``: rows whose extreme is positive are negated, so every scale is positive
+        here (the squared error of ``-w`` on ``-s``'s grid equals that of ``w`` on ``s``'s)."""
         rows = _rows(W.float(), spec)
         self.out = W.shape[0]
         self.groups = rows.shape[1] if spec.grouped else 1
-        flat = rows.reshape(-1, rows.shape[-1])
+        self.ref = range_ref(W, spec, signed).reshape(-1, 1).float()  # [R, 1]
+        flat = rows.reshape(-1, rows.shape[-1]) * self.ref.sign()
         self.x = flat.sort(-1).values.contiguous()
         zero = torch.zeros(flat.shape[0], 1, device=W.device)
         self.P1 = torch.cat([zero, self.x.cumsum(-1)], -1)
         self.P2 = torch.cat([zero, self.x.square().cumsum(-1)], -1)
-        self.amax = _absmax(W, spec).reshape(-1, 1).float()  # [R, 1]
+        self.amax = self.ref.abs()
         self.n = flat.shape[-1]
-        self.spec = spec
+        self.spec, self.rc = spec, rc
         k = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32, device=W.device)
         self.codes = k  # [2^b]
         mid = k[:-1] + 0.5  # decision thresholds in the power space, mapped back by 1/a below
-        self.mid_sign, self.mid_base = torch.sign(mid), mid.abs() / spec.qmax
+        self.mid_sign, self.mid_base = torch.sign(mid), mid.abs() / rc
 
     def errors(self, a_rows: torch.Tensor, clips: torch.Tensor) -> torch.Tensor:
         """Squared error ``[R, C]`` of every scale row for exponents ``a_rows [R, 1]`` and
         clip ratios ``clips [C]``."""
-        spec, R = self.spec, self.x.shape[0]
+        rc, R = self.rc, self.x.shape[0]
         C = clips.numel()
-        s = (self.amax * clips[None, :] / spec.qmax)[..., None]  # [R, C, 1]
+        s = (self.amax * clips[None, :] / rc)[..., None]  # [R, C, 1]
         a = a_rows.reshape(R, 1, 1)
-        bnd = self.mid_sign * spec.qmax * self.mid_base.pow(1.0 / a) * s  # [R, C, 2^b - 1]
+        bnd = self.mid_sign * rc * self.mid_base.pow(1.0 / a) * s  # [R, C, 2^b - 1]
         idx = torch.searchsorted(self.x, bnd.reshape(R, -1).contiguous()).reshape(R, C, -1)
         edges = torch.cat([torch.zeros(R, C, 1, dtype=idx.dtype, device=idx.device), idx,
                            torch.full((R, C, 1), self.n, dtype=idx.dtype, device=idx.device)], -1)
@@ -237,7 +266,7 @@ class _SortedRows:
         S1 = self.P1.gather(1, e).reshape(R, C, -1).diff(dim=-1)
         S2 = self.P2.gather(1, e).reshape(R, C, -1).diff(dim=-1)
         cnt = edges.diff(dim=-1).float()
-        L = power_levels(self.codes.expand(R, 1, -1), a, spec.qmax) * s
+        L = power_levels(self.codes.expand(R, 1, -1), a, rc) * s
         return (S2 - 2 * L * S1 + L.square() * cnt).sum(-1).clamp_min(0)  # [R, C]
 
 
@@ -264,7 +293,7 @@ def search_exponent(W: torch.Tensor, config: NUPESConfig) -> tuple[torch.Tensor,
     W = W.detach().float()
     out = W.shape[0]
     E = out if config.per_channel_exponent else 1
-    sr = _SortedRows(W, spec)
+    sr = _SortedRows(W, spec, config.range_code, config.signed_scale)
     clips = torch.tensor(config.group_clip_grid if spec.grouped else config.clip_grid,
                          dtype=torch.float32, device=W.device)
 
@@ -295,7 +324,8 @@ def search_exponent(W: torch.Tensor, config: NUPESConfig) -> tuple[torch.Tensor,
         best_a, best_err, best_c = _keep(new, fn, cn, best_a, best_err, best_c, sr.groups)
         x1, f1, x2, f2 = (torch.where(left, new, x2), torch.where(left, fn, f2),
                           torch.where(left, x1, new), torch.where(left, f1, fn))
-    scale = _absmax(W, spec) * best_c.reshape(_absmax(W, spec).shape) / spec.qmax
+    ref = range_ref(W, spec, config.signed_scale)
+    scale = ref * best_c.reshape(ref.shape) / config.range_code
     return best_a.reshape(E, 1), scale, best_err
 
 
@@ -318,7 +348,7 @@ def _dense_scale(scale: torch.Tensor, spec: QuantSpec, cols: int) -> torch.Tenso
 
 
 def error_feedback_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, a: torch.Tensor,
-                         spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+                         spec: QuantSpec, rc: int, damp: float = 0.01, block_size: int = 128,
                          act_order: bool = True, name: str = "layer") -> torch.Tensor:
     """Codes on the fixed NUPES grid ``(scale, a)`` chosen column by column, each column's error
     spread over the columns not yet quantized through the inverse Hessian (as GPTQ does).
@@ -340,27 +370,27 @@ def error_feedback_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, 
 
     def quantize_column(c: int, block: torch.Tensor, i: int) -> torch.Tensor:
         s = S[:, c:c + 1]
-        q = torch.clamp(torch.round(to_power(block[:, i:i + 1] / s, A, spec.qmax)),
+        q = torch.clamp(torch.round(to_power(block[:, i:i + 1] / s, A, rc)),
                         spec.qmin, spec.qmax)
         codes[:, c:c + 1] = q.to(torch.int8)
-        return power_levels(q, A, spec.qmax) * s
+        return power_levels(q, A, rc) * s
 
     error_feedback(W, Hinv, quantize_column, block_size)
     return codes if perm is None else codes[:, torch.argsort(perm)]
 
 
 def refit_scales(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                 a: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+                 a: torch.Tensor, spec: QuantSpec, rc: int) -> torch.Tensor:
     """Per-channel least-squares scales for fixed codes and exponents: with levels ``g`` of a
     row, ``s = g^T H w / g^T H g`` minimizes ``(s g - w)^T H (s g - w)`` (per channel only;
     group scales are returned unchanged)."""
     if spec.grouped:
         return scale
-    g = nupes_dequantize(codes, torch.ones_like(scale), a, spec).double()
+    g = nupes_dequantize(codes, torch.ones_like(scale), a, spec, rc).double()
     Hg = g @ H.double()
     num, den = (Hg * W.double()).sum(1, keepdim=True), (Hg * g).sum(1, keepdim=True)
     new = torch.where(den > 0, num / den.clamp_min(1e-30), scale.double())
-    return torch.where(new > 0, new, scale.double()).float()
+    return torch.where(new * scale.double() > 0, new, scale.double()).float()  # keep the sign
 
 
 def output_error(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
@@ -380,8 +410,9 @@ def _refine(W, H, codes, scale, a, spec: QuantSpec, config: NUPESConfig):
     diag = (torch.diagonal(H).double() - (evecs.square() * evals).sum(1)).clamp_min(0).float()
     # the pre-image starts at the codes plus the weight's own rounding residual in the power
     # space, so codes of weights near a decision boundary flip after small steps
+    rc = config.range_code
     t = to_power(_rows(W, spec) / _scale_rows(scale.float(), spec),
-                 _expand_rows(a.float(), spec), spec.qmax).reshape(W.shape)
+                 _expand_rows(a.float(), spec), rc).reshape(W.shape)
     V = (codes.float() + 0.99 * (t - t.round())).requires_grad_(True)
     a_p = a.float().clone().requires_grad_(True)
     log_s = torch.zeros_like(scale, dtype=torch.float32, requires_grad=True)
@@ -393,7 +424,7 @@ def _refine(W, H, codes, scale, a, spec: QuantSpec, config: NUPESConfig):
     norm = float((W @ R).square().sum() + (W.square() * diag).sum()) + 1e-30
     for _ in range(config.steps):
         q = torch.clamp(V + (V.round() - V).detach(), spec.qmin, spec.qmax)
-        lv = power_levels(_rows(q, spec), _expand_rows(a_p.expand(out, 1), spec), spec.qmax,
+        lv = power_levels(_rows(q, spec), _expand_rows(a_p.expand(out, 1), spec), rc,
                           exact_one=False)
         W_hat = (lv * _scale_rows(s0 * log_s.exp(), spec)).reshape(W.shape)
         d = W_hat - W
@@ -425,30 +456,31 @@ def nupes_quantize_weight(W: torch.Tensor, config: NUPESConfig, H: torch.Tensor 
         _rows(W, spec)  # the group size must divide the width
     except ConfigError as e:
         raise ConfigError(f"layer {name}: {e}") from None
+    rc = config.range_code
     a, scale, _ = search_exponent(W, config)
-    codes = nupes_quantize(W, scale, a, spec)
+    codes = nupes_quantize(W, scale, a, spec, rc)
     info = {}
     if H is not None and not config.data_free:
         if not torch.isfinite(H).all():
             raise NumericalError(f"calibration activations contain NaN/Inf for layer {name}")
-        best = output_error(nupes_dequantize(codes, scale, a, spec), W, H)
+        best = output_error(nupes_dequantize(codes, scale, a, spec, rc), W, H)
         info["err_data_free"] = best
         if config.error_feedback:
-            c2 = error_feedback_codes(W, H, scale, a, spec, damp=config.damp,
+            c2 = error_feedback_codes(W, H, scale, a, spec, rc, damp=config.damp,
                                       act_order=config.act_order, name=name)
-            s2 = refit_scales(W, H, c2, scale, a, spec)
-            e2 = output_error(nupes_dequantize(c2, s2, a, spec), W, H)
+            s2 = refit_scales(W, H, c2, scale, a, spec, rc)
+            e2 = output_error(nupes_dequantize(c2, s2, a, spec, rc), W, H)
             info["err_feedback"] = e2
             if e2 < best:
                 codes, scale, best = c2, s2, e2
         if config.steps:
             c3, s3, a3 = _refine(W, H, codes, scale, a, spec, config)
-            e3 = output_error(nupes_dequantize(c3, s3, a3, spec), W, H)
+            e3 = output_error(nupes_dequantize(c3, s3, a3, spec, rc), W, H)
             info["err_learned"] = e3
             if e3 < best:
                 codes, scale, a, best = c3, s3, a3, e3
         info["err"] = best
-    return nupes_dequantize(codes, scale, a, spec), codes, scale, a, info
+    return nupes_dequantize(codes, scale, a, spec, rc), codes, scale, a, info
 
 
 # ---- whole models ---------------------------------------------------------------------------
@@ -477,7 +509,7 @@ def check_calibration(calib: torch.Tensor | None, config: NUPESConfig) -> None:
 def nupes_weights(model, config: NUPESConfig, calib: torch.Tensor | None = None,
                   batch_size: int = 1, progress: bool = True) -> tuple[Codes, dict]:
     """NUPES for every decoder linear; writes ``W_hat`` into the model and returns
-    ``(codes {module name: (codes, scale, exponent)}, report)``.
+    ``(codes {module name: (codes, scale, exponent, range code)}, report)``.
 
     The report holds each linear's exponents (for the histogram of ``a``) and, data-driven, the
     output errors of each stage.
@@ -493,7 +525,7 @@ def nupes_weights(model, config: NUPESConfig, calib: torch.Tensor | None = None,
     def do(name, lin, H):
         W_hat, q, s, a, info = nupes_quantize_weight(lin.weight, config, H, name=name)
         _write(lin, W_hat)
-        codes[name] = (q, s, a)
+        codes[name] = (q, s, a, config.range_code)
         report["exponents"][name] = a.flatten().tolist()
         if info:
             report["errors"][name] = info
