@@ -12,10 +12,15 @@ Targets (issue 6): >= 50% of the w3a16 RTN gap, >= 30% of the OSTQuant w4a4kv4 g
 (576, 1536) are not multiples of 128, so group 128 cannot be used; the default is the nearest
 group size that divides both, 64.
 
+``--student-checkpoint DIR`` distills an existing quantized checkpoint of ``--model`` instead of
+quantizing again (its quantization time is read from its lineage).
+
 ``--edits N`` (needs editcomp.edit.lafn) adds the edit-survival part: N BMIKE-53 cases per
-``--edit-langs`` language edited into ``--edit-model`` with LAFN; reliability/generality of the fp
-edited model, of its RTN ``--edit-bits`` student and of that student after edit-preserving
-distillation (teacher = the edited fp model, facts mixed in).
+``--edit-langs`` language edited into ``--edit-model`` with LAFN in one batch; reliability and
+generality of the fp edited model, of each ``--edit-students`` student (``method:bits``), and of
+the ``--edit-distill`` students after edit-preserving distillation (teacher = the edited fp
+model, facts mixed in). Target: >= 95% of the fp edited reliability in every language after
+distillation, with ppl no worse than the quantized student's.
 
     python benchmarks/distill.py --losses fkl,cakld --steps 40 --windows 4
 """
@@ -83,29 +88,20 @@ def recovery_rows(args) -> list[dict]:
     windows = token_windows(tok, str(args.eval_text), args.eval_seq_len, args.windows)
     ppl_teacher = _ppl(teacher, windows)
     print(f"teacher ppl {ppl_teacher:.3f}", flush=True)
-    students = []
-    if "rtn" in args.students:
-        students.append((f"RTN {args.bits}g{args.group_size}",
-                         QuantizeConfig(bits=args.bits, method="rtn", group_size=args.group_size)))
-    if "ostquant" in args.students:
-        if "ostquant" not in METHODS:
-            raise SystemExit("--students ostquant: this editcomp has no ostquant method")
-        from editcomp.quant.ostquant import OSTQuantConfig
-        ost = OSTQuantConfig(steps=args.ost_steps, train_windows=args.calib_windows,
-                             train_seq_len=args.seq_len)
-        students.append(("OSTQuant w4a4kv4", QuantizeConfig(
-            bits="w4a4kv4", method="ostquant", nsamples=args.calib_windows,
-            seq_len=args.seq_len, ostquant=ost)))
     rows = [{"student": "fp teacher", "loss": "-", "ppl_after": ppl_teacher}]
-    for name, qcfg in students:
-        student = copy.deepcopy(teacher)
-        calib = None
-        if qcfg.needs_calibration:
-            from editcomp.data import calibration_windows
-            calib = calibration_windows(tok, str(args.text), qcfg.nsamples, qcfg.seq_len)
-        _, qwall, _ = _timed(lambda: quantize(student, qcfg, calib, progress=False))
+    specs = {"rtn": ("rtn", args.bits), "ostquant": ("ostquant", "w4a4kv4")}
+    for name in args.students + args.student_checkpoint:
+        if name in specs:
+            method, bits = specs[name]
+            student, qwall = _quantized(teacher, tok, method, bits, args)
+            name = f"{method} {bits}" + (f"g{args.group_size}" if bits.endswith("a16") else "")
+        else:  # a quantized checkpoint directory written by `editcomp quantize`
+            s_ck = checkpoint.load(name, device=args.device, dtype="fp32")
+            q = next(e for e in reversed(s_ck.history) if e.get("op") == "quantize")
+            student, qwall = s_ck.model, (q.get("metrics") or {}).get("seconds")
+            name = f"{q['config'].get('method')} {q['config'].get('bits')} ({name})"
         ppl_student = _ppl(student, windows)
-        print(f"{name}: ppl {ppl_student:.3f} (quantized in {qwall:.0f} s)", flush=True)
+        print(f"{name}: ppl {ppl_student:.3f} (quantized in {qwall} s)", flush=True)
         rows.append({"student": name, "loss": "-", "ppl_teacher": ppl_teacher,
                      "ppl_before": ppl_student, "ppl_after": ppl_student, "quantize_s": qwall})
         for loss in args.losses:
@@ -114,8 +110,32 @@ def recovery_rows(args) -> list[dict]:
     return rows
 
 
+def _quantized(model, tok, method: str, bits: str, args):
+    """A quantized copy of ``model`` (``method`` at ``bits``) and its quantization seconds.
+
+    Weight-only RTN/GPTQ use ``--group-size``; calibrated methods take ``--calib-windows`` windows
+    of ``--seq-len`` tokens from ``--text``; OSTQuant trains ``--ost-steps`` steps on them."""
+    from editcomp.data import calibration_windows
+
+    extra = {}
+    if method == "ostquant":
+        from editcomp.quant.ostquant import OSTQuantConfig
+        extra["ostquant"] = OSTQuantConfig(steps=args.ost_steps, train_windows=args.calib_windows,
+                                           train_seq_len=args.seq_len)
+    weight_only = bits.endswith("a16")
+    qcfg = QuantizeConfig(bits=bits, method=method, nsamples=args.calib_windows,
+                          seq_len=args.seq_len,
+                          group_size=args.group_size if weight_only else None, **extra)
+    calib = (calibration_windows(tok, str(args.text), qcfg.nsamples, qcfg.seq_len)
+             if qcfg.needs_calibration else None)
+    student = copy.deepcopy(model)
+    _, wall, _ = _timed(lambda: quantize(student, qcfg, calib, progress=False))
+    return student, wall
+
+
 def edit_rows(args) -> list[dict]:
-    """fp edited -> RTN student -> distilled with the facts: edit metrics and ppl per stage."""
+    """fp edited -> each ``--edit-students`` student -> the ``--edit-distill`` ones distilled with
+    the facts (teacher = the edited fp model): edit metrics and ppl per stage."""
     from editcomp.edit.lafn import LAFNConfig, lafn_edit
     from editcomp.eval import edit_metrics
 
@@ -126,8 +146,9 @@ def edit_rows(args) -> list[dict]:
                for lang in args.edit_langs}
     facts = [f for fs in by_lang.values() for f in fs]
     windows = token_windows(tok, str(args.eval_text), args.eval_seq_len, args.windows)
+    ppl_base = _ppl(ck.model, windows)
     edited = ck.model
-    lafn_edit(edited, tok, facts, LAFNConfig(), progress=False)
+    _, edit_s, _ = _timed(lambda: lafn_edit(edited, tok, facts, LAFNConfig(), progress=False))
 
     def stage(name, model, **extra):
         row = {"stage": name, "ppl": _ppl(model, windows), **extra}
@@ -138,16 +159,18 @@ def edit_rows(args) -> list[dict]:
         print(f"  {row}", flush=True)
         return row
 
-    rows = [stage("fp edited", edited)]
-    student = copy.deepcopy(edited)
-    quantize(student, QuantizeConfig(bits=args.edit_bits, method="rtn",
-                                     group_size=args.group_size), progress=False)
-    rows.append(stage(f"RTN {args.edit_bits}g{args.group_size}", student))
-    ppl_e, ppl_s = rows[0]["ppl"], rows[1]["ppl"]
-    _, distilled = _distill_row("edited RTN", student, edited, tok, windows, args, ppl_e, ppl_s,
-                                args.losses[0], facts=facts)
-    rows.append(stage(f"distilled ({args.losses[0]}, facts weight {args.facts_weight})",
-                      distilled))
+    rows = [stage("fp edited", edited, ppl_unedited=ppl_base, seconds=edit_s)]
+    for spec in args.edit_students:
+        method, bits = spec.split(":")
+        student, qwall = _quantized(edited, tok, method, bits, args)
+        rows.append(stage(f"{method} {bits}", student, seconds=qwall))
+        if spec in args.edit_distill:
+            ppl_e, ppl_s = rows[0]["ppl"], rows[-1]["ppl"]
+            row, distilled = _distill_row(f"edited {spec}", student, edited, tok, windows, args,
+                                          ppl_e, ppl_s, args.losses[0], facts=facts)
+            rows.append(stage(f"{method} {bits} distilled ({args.losses[0]}, facts weight "
+                              f"{args.facts_weight})", distilled, seconds=row["train_wall_s"]))
+        del student
     return rows
 
 
@@ -175,13 +198,19 @@ def main():
     ap.add_argument("--eval-text", type=Path, default=DATA / "wikitext-2" / "test.txt")
     ap.add_argument("--students", default="rtn",
                     help="comma-separated: rtn (--bits, --group-size), ostquant (w4a4kv4)")
+    ap.add_argument("--student-checkpoint", action="append", default=[], metavar="DIR",
+                    help="also distill this quantized checkpoint (from `editcomp quantize`, of "
+                         "--model); repeatable")
     ap.add_argument("--calib-windows", type=int, default=8,
                     help="OSTQuant calibration windows of --seq-len tokens")
     ap.add_argument("--ost-steps", type=int, default=16, help="OSTQuant rotation/scale steps")
     ap.add_argument("--edits", type=int, default=0, help="BMIKE-53 cases per language (0: off)")
     ap.add_argument("--edit-model", default="gemma3-270m")
     ap.add_argument("--edit-langs", default="de,zh")
-    ap.add_argument("--edit-bits", default="w4a16")
+    ap.add_argument("--edit-students", default="rtn:w4a16,gptq:w4a16,rtn:w4a4kv4,ostquant:w4a4kv4",
+                    help="comma-separated method:bits students of the edited model")
+    ap.add_argument("--edit-distill", default="ostquant:w4a4kv4",
+                    help="which --edit-students to distill with the facts mixed in")
     ap.add_argument("--facts-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -190,11 +219,13 @@ def main():
     args.losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     args.edit_langs = [s.strip() for s in args.edit_langs.split(",") if s.strip()]
     args.students = [s.strip() for s in args.students.split(",") if s.strip()]
+    args.edit_students = [s.strip() for s in args.edit_students.split(",") if s.strip()]
+    args.edit_distill = [s.strip() for s in args.edit_distill.split(",") if s.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    rows = recovery_rows(args)
+    rows = recovery_rows(args) if args.students or args.student_checkpoint else []
     edits = edit_rows(args) if args.edits else None
 
     print(f"\nWikiText-2 test ppl, {args.windows} windows x {args.eval_seq_len} tokens; training "
