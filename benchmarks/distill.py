@@ -39,6 +39,7 @@ from editcomp import checkpoint
 from editcomp.data import load_facts, token_windows
 from editcomp.distill import DistillConfig, build_data, distill
 from editcomp.distill.trainer import fact_sequences
+from editcomp.errors import NumericalError
 from editcomp.eval import perplexity
 from editcomp.quant.pipeline import METHODS, QuantizeConfig, quantize
 
@@ -166,10 +167,15 @@ def edit_rows(args) -> list[dict]:
         rows.append(stage(f"{method} {bits}", student, seconds=qwall))
         if spec in args.edit_distill:
             ppl_e, ppl_s = rows[0]["ppl"], rows[-1]["ppl"]
-            row, distilled = _distill_row(f"edited {spec}", student, edited, tok, windows, args,
-                                          ppl_e, ppl_s, args.losses[0], facts=facts)
-            rows.append(stage(f"{method} {bits} distilled ({args.losses[0]}, facts weight "
-                              f"{args.facts_weight})", distilled, seconds=row["train_wall_s"]))
+            name = f"{method} {bits} distilled ({args.losses[0]}, facts weight {args.facts_weight})"
+            try:
+                row, distilled = _distill_row(f"edited {spec}", student, edited, tok, windows,
+                                              args, ppl_e, ppl_s, args.losses[0], facts=facts)
+            except NumericalError as e:  # a broken student: keep the rows measured so far
+                print(f"  {name}: {e}", flush=True)
+                rows.append({"stage": name, "error": str(e)})
+            else:
+                rows.append(stage(name, distilled, seconds=row["train_wall_s"]))
         del student
     return rows
 
@@ -209,8 +215,9 @@ def main():
     ap.add_argument("--edit-langs", default="de,zh")
     ap.add_argument("--edit-students", default="rtn:w4a16,gptq:w4a16,rtn:w4a4kv4,ostquant:w4a4kv4",
                     help="comma-separated method:bits students of the edited model")
-    ap.add_argument("--edit-distill", default="ostquant:w4a4kv4",
-                    help="which --edit-students to distill with the facts mixed in")
+    ap.add_argument("--edit-distill", default="gptq:w4a16",
+                    help="which --edit-students to distill with the facts mixed in (gemma3-270m "
+                         "at w4a4kv4 is broken without a residual rotation: ppl > 1e4)")
     ap.add_argument("--facts-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")

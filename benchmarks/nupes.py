@@ -82,9 +82,11 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
         return QuantizeConfig(bits=b, method=method, group_size=group or 64)
     if method == "nupes-df":
         return QuantizeConfig(bits=b, method="nupes", group_size=group, nupes=df)
-    if method == "nupes-df-sym":  # ablation: symmetric scales (2^b - 1 levels in the range)
+    if method == "nupes-df-sym":  # ablation: symmetric scales (2^b - 1 levels in the range),
+        # with the group clips that reach code qmin (the best symmetric setting we measured)
+        sym = {"group_clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75), **extra}
         return QuantizeConfig(bits=b, method="nupes", group_size=group,
-                              nupes=NUPESConfig(data_free=True, signed_scale=False, **extra))
+                              nupes=NUPESConfig(data_free=True, signed_scale=False, **sym))
     if method == "uniform-signed":  # ablation: signed scales, exponent fixed at 1 (uniform)
         return QuantizeConfig(bits=b, method="nupes", group_size=group,
                               nupes=NUPESConfig(data_free=True, min_exponent=1.0, **extra))
