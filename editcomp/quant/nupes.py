@@ -12,8 +12,9 @@ sign that puts its group's (or channel's) extreme weight on code ``qmin`` -- eve
 levels are (and as llama.cpp's Q4_0 does for a uniform grid). Symmetric (``signed_scale=False``):
 ``R = qmax`` with a positive scale; code ``qmin`` lies outside the range and is reached only by
 clipping, so 4 bits give 15 levels, and ``a = 1`` *is* ``ops``' symmetric RTN bit for bit.
-Measured on smollm2-135m, 4 bits, group 64 (``benchmarks/nupes_vs_nf4.py``): uniform grids give
-ppl 24.9 symmetric vs 21.6 signed (NF4: 20.6). The ``2^b`` normalized levels of a channel form a
+Measured on smollm2-135m, 4 bits, group 64: unclipped uniform grids give ppl 24.9 symmetric vs
+21.6 signed (NF4 20.6; 2 test windows); the data-free search gives 23.71 signed and unclipped vs
+24.16 symmetric with its best clip (NF4 22.34; 20 windows, ``benchmarks/nupes.py``). The ``2^b`` normalized levels of a channel form a
 lookup table (``power_lut``): dequantization is a gather times the scale
 (``nupes_linear.NUPESLinear``).
 
@@ -84,7 +85,10 @@ class NUPESConfig:
     #: per-channel clip ratios >= 0.8: a wider grid (down to 0.32) lowered the squared weight
     #: error but clipped salient large weights: smollm2-135m w3a16 ppl 2205 vs 200 with this one
     clip_grid: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
-    group_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+    #: groups are not clipped: with signed scales the group's extreme is a level already, and
+    #: smollm2-135m w4a16 g64 (20 x 2048 test windows) gave ppl 23.71 unclipped vs 24.80 with
+    #: (1.0 ... 0.75); symmetric scales need the clip to reach code qmin (24.16 vs 25.52)
+    group_clip_grid: tuple[float, ...] = (1.0,)
     error_feedback: bool = True
     act_order: bool = True
     damp: float = 0.01
