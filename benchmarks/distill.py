@@ -41,7 +41,7 @@ from editcomp.distill import DistillConfig, build_data, distill
 from editcomp.distill.trainer import fact_sequences
 from editcomp.errors import NumericalError
 from editcomp.eval import perplexity
-from editcomp.quant.pipeline import METHODS, QuantizeConfig, quantize
+from editcomp.quant.pipeline import QuantizeConfig, quantize
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
