@@ -247,9 +247,8 @@ class _SortedRows:
         zero = torch.zeros(flat.shape[0], 1, device=W.device)
         self.P1 = torch.cat([zero, self.x.cumsum(-1)], -1)
         self.P2 = torch.cat([zero, self.x.square().cumsum(-1)], -1)
-        self.amax = self.ref.abs()
         self.n = flat.shape[-1]
-        self.spec, self.rc = spec, rc
+        self.rc = rc
         k = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.float32, device=W.device)
         self.codes = k  # [2^b]
         mid = k[:-1] + 0.5  # decision thresholds in the power space, mapped back by 1/a below
@@ -260,7 +259,7 @@ class _SortedRows:
         clip ratios ``clips [C]``."""
         rc, R = self.rc, self.x.shape[0]
         C = clips.numel()
-        s = (self.amax * clips[None, :] / rc)[..., None]  # [R, C, 1]
+        s = (self.ref.abs() * clips[None, :] / rc)[..., None]  # [R, C, 1]
         a = a_rows.reshape(R, 1, 1)
         bnd = self.mid_sign * rc * self.mid_base.pow(1.0 / a) * s  # [R, C, 2^b - 1]
         idx = torch.searchsorted(self.x, bnd.reshape(R, -1).contiguous()).reshape(R, C, -1)
@@ -328,7 +327,7 @@ def search_exponent(W: torch.Tensor, config: NUPESConfig) -> tuple[torch.Tensor,
         best_a, best_err, best_c = _keep(new, fn, cn, best_a, best_err, best_c, sr.groups)
         x1, f1, x2, f2 = (torch.where(left, new, x2), torch.where(left, fn, f2),
                           torch.where(left, x1, new), torch.where(left, f1, fn))
-    ref = range_ref(W, spec, config.signed_scale)
+    ref = sr.ref.reshape(out, sr.groups)  # the public scale layout, [out, 1] or [out, g]
     scale = ref * best_c.reshape(ref.shape) / config.range_code
     return best_a.reshape(E, 1), scale, best_err
 
