@@ -39,7 +39,7 @@ from editcomp import checkpoint
 from editcomp.data import load_facts, token_windows
 from editcomp.distill import DistillConfig, build_data, distill
 from editcomp.distill.trainer import fact_sequences
-from editcomp.errors import NumericalError
+from editcomp.errors import ConfigError, NumericalError
 from editcomp.eval import perplexity
 from editcomp.quant.pipeline import QuantizeConfig, quantize
 
@@ -163,7 +163,12 @@ def edit_rows(args) -> list[dict]:
     rows = [stage("fp edited", edited, ppl_unedited=ppl_base, seconds=edit_s)]
     for spec in args.edit_students:
         method, bits = spec.split(":")
-        student, qwall = _quantized(edited, tok, method, bits, args)
+        try:
+            student, qwall = _quantized(edited, tok, method, bits, args)
+        except ConfigError as e:  # e.g. rotation methods at w4a4 on gemma3: record the refusal
+            print(f"  {method} {bits}: refused: {e}", flush=True)
+            rows.append({"stage": f"{method} {bits}", "error": f"refused: {e}"})
+            continue
         rows.append(stage(f"{method} {bits}", student, seconds=qwall))
         if spec in args.edit_distill:
             ppl_e, ppl_s = rows[0]["ppl"], rows[-1]["ppl"]
@@ -216,8 +221,9 @@ def main():
     ap.add_argument("--edit-students", default="rtn:w4a16,gptq:w4a16,rtn:w4a4kv4,ostquant:w4a4kv4",
                     help="comma-separated method:bits students of the edited model")
     ap.add_argument("--edit-distill", default="gptq:w4a16",
-                    help="which --edit-students to distill with the facts mixed in (gemma3-270m "
-                         "at w4a4kv4 is broken without a residual rotation: ppl > 1e4)")
+                    help="which --edit-students to distill with the facts mixed in (on "
+                         "gemma3-270m quarot/ostquant at w4a4 are refused and rtn w4a4kv4 is "
+                         "broken: ppl > 1e4)")
     ap.add_argument("--facts-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")

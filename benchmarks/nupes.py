@@ -7,8 +7,9 @@ an honest comparison: NUPES data-driven uses act-order in its error feedback), N
 (OSTQuant when ``editcomp.quant.ostquant`` exists, else QuaRot) with uniform GPTQ weights and
 with NUPES weights. Every row is evaluated on the same WikiText-2 *test* windows; calibration
 windows come from *valid* only. Ablations of the data-free grid: ``nupes-df-sym`` (symmetric
-scales: 2^b - 1 levels inside the range) and ``uniform-signed`` (signed scales, exponent 1). Prints a markdown table, writes JSON after every row (so an
-interrupted run keeps what it measured) and a histogram of the NUPES exponents.
+scales: 2^b - 1 levels inside the range), ``nupes-dd-sym`` (the same for data-driven) and
+``uniform-signed`` (signed scales, exponent 1). Prints a markdown table, writes JSON after every
+row (so an interrupted run keeps what it measured) and a histogram of the NUPES exponents.
 
 Example (quick look): ``python benchmarks/nupes.py --windows 2 --rows w3:rtn,gptq,nupes-dd``
 """
@@ -37,7 +38,7 @@ from editcomp.quant.runtime import quant_linears  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 METHODS = ("rtn", "gptq", "gptq-ao", "nf4", "fp4", "nupes-df", "nupes-dd", "xform", "xform-nupes",
-           "nupes-df-sym", "uniform-signed")
+           "nupes-df-sym", "nupes-dd-sym", "uniform-signed")
 
 
 def has_ostquant() -> bool:
@@ -92,6 +93,10 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
                               nupes=NUPESConfig(data_free=True, min_exponent=1.0, **extra))
     if method == "nupes-dd":
         return QuantizeConfig(bits=b, method="nupes", group_size=group, nupes=dd)
+    if method == "nupes-dd-sym":  # ablation: data-driven with symmetric scales
+        return QuantizeConfig(bits=b, method="nupes", group_size=group,
+                              nupes=NUPESConfig(steps=args.nupes_steps, min_calib_tokens=1,
+                                                signed_scale=False, **extra))
     if method == "xform":
         return QuantizeConfig(bits=b, method=transform, group_size=group, qsur=False)
     if method == "xform-nupes":

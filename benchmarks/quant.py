@@ -34,6 +34,7 @@ def run_row(args, row: str) -> dict:
     from editcomp import checkpoint
     from editcomp.data import calibration_windows, token_windows
     from editcomp.device import peak_memory_mb
+    from editcomp.errors import ConfigError
     from editcomp.eval import perplexity
     from editcomp.quant.ostquant import OSTQuantConfig
     from editcomp.quant.pipeline import QuantizeConfig, quantize
@@ -55,7 +56,10 @@ def run_row(args, row: str) -> dict:
                                      args.calib_seq_len, seed=0)
                  if config.needs_calibration else None)
         t0 = time.time()
-        report = quantize(ck.model, config, calib, progress=not args.quiet)
+        try:
+            report = quantize(ck.model, config, calib, progress=not args.quiet)
+        except ConfigError as e:  # a setting the family does not support: record why
+            return {**out, "refused": str(e)}
         out["calib_seconds"] = round(time.time() - t0, 1)
         out["act_clip"], out["kv_clip"] = config.clips()
         for k in ("loss_first", "loss_last", "residual_rotation", "note"):
@@ -74,6 +78,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| row | ppl | ratio to FP | calib time (s) | peak memory (MB) |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['row']} | refused: {r['refused'].split(':')[0]} | - | - | - |")
+            continue
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
         lines.append(f"| {r['row']} | {r['ppl']:.3f} | {ratio} | {r.get('calib_seconds', '-')} "
                      f"| {r['peak_memory_mb']} |")

@@ -139,11 +139,32 @@ def test_gemma3_refuses_the_residual_rotation_with_the_reason():
         ostquant_transform(model, parse_bits("w4a4kv4"),
                            OSTQuantConfig(steps=1, residual=True, train_seq_len=16), ids,
                            progress=False)
-    rep = quantize(model, QuantizeConfig(bits="w4a4kv4", method="ostquant", nsamples=2,
+    rep = quantize(model, QuantizeConfig(bits="w4a8kv8", method="ostquant", nsamples=2,
                                          seq_len=16, ostquant=OSTQuantConfig(steps=2)),
                    ids, progress=False)
     assert rep["residual_rotation"] is False and "post_attention_layernorm" in rep["note"]
     assert all(torch.isfinite(torch.tensor(r["attn_in"])) for r in rep["qsur_after"]["layers"])
+
+
+@pytest.mark.parametrize("method", ["quarot", "ostquant"])
+def test_gemma3_refuses_rotation_methods_at_4_bit_activations_and_changes_nothing(method):
+    """4-bit activations need the residual rotation Gemma3 cannot have: refused up front with
+    the reason and the supported alternatives, the model untouched; RTN w4a4 stays allowed."""
+    model, ref = tiny_model("gemma3"), tiny_model("gemma3")
+    ids = torch.randint(3, 500, (2, 16))
+    with pytest.raises(ConfigError, match=r"w4a4kv4 is not supported on gemma3.*"
+                                          r"post_attention_layernorm.*w4a16"):
+        quantize(model, QuantizeConfig(bits="w4a4kv4", method=method, nsamples=2, seq_len=16),
+                 ids, progress=False)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ConfigError, match="not supported on gemma3"):
+        ost.ostquant(model, parse_bits("w4a4"), OSTQuantConfig(steps=1), ids, progress=False)
+    quantize(model, QuantizeConfig(bits="w4a4kv4", method="rtn"), progress=False)
+    llama = tiny_model("llama")
+    quantize(llama, QuantizeConfig(bits="w4a4kv4", method=method, nsamples=2, seq_len=16,
+                                   ostquant=OSTQuantConfig(steps=1, train_seq_len=16)),
+             ids, progress=False)
 
 
 def test_saved_checkpoint_reloads_to_identical_logits(tmp_path):

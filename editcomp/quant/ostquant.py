@@ -417,9 +417,11 @@ def ostquant(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig, calib: to
     """The whole method: learned transforms (``ostquant_transform``), then GPTQ weights (MSE
     clip search, ``damp``) and the quantized runtime (lm_head in full precision; the Q/K
     Hadamard when the KV cache is quantized). Returns the report."""
+    from editcomp.quant.pipeline import check_family
     from editcomp.quant.runtime import quantize_model
     from editcomp.quant.weights import gptq_weights
 
+    check_family(model, "ostquant", bits)
     report = ostquant_transform(model, bits, config, calib, progress)
     device = next(model.parameters()).device
     codes = gptq_weights(model, bits.weight, calib.to(device), damp=damp, mse_clip=True,
