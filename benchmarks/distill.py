@@ -62,12 +62,12 @@ def _recovery(student: float, after: float, teacher: float) -> float | None:
 
 
 def _distill_row(name, student, teacher, tok, windows, args, ppl_teacher, ppl_student, loss,
-                 facts=None):
+                 facts=None, facts_weight=1.0):
     s = copy.deepcopy(student)
     cfg = DistillConfig(loss=loss, train=args.train, steps=args.steps, lr=args.lr,
                         seq_len=args.seq_len, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, seed=args.seed,
-                        facts_weight=args.facts_weight)
+                        facts_weight=facts_weight)
     data = build_data(tok, teacher, cfg, text=str(args.text))
     if facts:
         data.facts = fact_sequences(tok, facts)
@@ -170,12 +170,13 @@ def edit_rows(args) -> list[dict]:
             rows.append({"stage": f"{method} {bits}", "error": f"refused: {e}"})
             continue
         rows.append(stage(f"{method} {bits}", student, seconds=qwall))
-        if spec in args.edit_distill:
-            ppl_e, ppl_s = rows[0]["ppl"], rows[-1]["ppl"]
-            name = f"{method} {bits} distilled ({args.losses[0]}, facts weight {args.facts_weight})"
+        ppl_e, ppl_s = rows[0]["ppl"], rows[-1]["ppl"]
+        for fw in (args.facts_weights if spec in args.edit_distill else ()):
+            name = f"{method} {bits} distilled ({args.losses[0]}, facts weight {fw})"
             try:
                 row, distilled = _distill_row(f"edited {spec}", student, edited, tok, windows,
-                                              args, ppl_e, ppl_s, args.losses[0], facts=facts)
+                                              args, ppl_e, ppl_s, args.losses[0], facts=facts,
+                                              facts_weight=fw)
             except NumericalError as e:  # a broken student: keep the rows measured so far
                 print(f"  {name}: {e}", flush=True)
                 rows.append({"stage": name, "error": str(e)})
@@ -224,7 +225,9 @@ def main():
                     help="which --edit-students to distill with the facts mixed in (on "
                          "gemma3-270m quarot/ostquant at w4a4 are refused and rtn w4a4kv4 is "
                          "broken: ppl > 1e4)")
-    ap.add_argument("--facts-weight", type=float, default=1.0)
+    ap.add_argument("--facts-weights", default="1.0",
+                    help="comma-separated facts loss weights: one distilled row per weight, "
+                         "from the same quantized student (0: text only)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distill.json")
@@ -234,6 +237,7 @@ def main():
     args.students = [s.strip() for s in args.students.split(",") if s.strip()]
     args.edit_students = [s.strip() for s in args.edit_students.split(",") if s.strip()]
     args.edit_distill = [s.strip() for s in args.edit_distill.split(",") if s.strip()]
+    args.facts_weights = [float(s) for s in args.facts_weights.split(",") if s.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -70,12 +70,30 @@ def _tokenize_document(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def document_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a document (Gemma's ``<bos>``; none for
+    SmolLM2), found by tokenizing with and without special tokens."""
+    with_special = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k:k + len(plain)] == plain:
+            return list(with_special[:k])
+    return []
+
+
 def token_windows(tokenizer, path_or_text: str | os.PathLike, seq_len: int,
-                  max_windows: int | None = None) -> torch.LongTensor:
+                  max_windows: int | None = None, each_as_document: bool = False
+                  ) -> torch.LongTensor:
     """Cut the tokenized text into non-overlapping windows of exactly ``seq_len`` tokens -> ``[n, seq_len]``.
 
     This is the standard perplexity protocol (tokenize once, stride = window); the tail shorter than a
     window is dropped. ``max_windows`` keeps the first windows only (quick evaluations).
+
+    ``each_as_document``: every window starts with the tokenizer's document prefix
+    (``document_prefix``) followed by the next ``seq_len - len(prefix)`` tokens of the text, as
+    training windows should: a model trained with ``<bos>`` is in another regime without it
+    (gemma3-270m on 256-token windows of valid.txt: mean NLL 5.0 without ``<bos>``, 3.7 with).
+    A no-op for tokenizers without a prefix.
     """
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
@@ -83,12 +101,21 @@ def token_windows(tokenizer, path_or_text: str | os.PathLike, seq_len: int,
         raise ConfigError(f"max_windows must be at least 1, got {max_windows}")
     name, text = _resolve_text(path_or_text)
     ids = _tokenize_document(tokenizer, text)
-    n = ids.numel() // seq_len
+    prefix = document_prefix(tokenizer) if each_as_document else []
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ConfigError(f"seq_len {seq_len} leaves no room after the {len(prefix)}-token prefix")
+    if prefix and ids[:len(prefix)].tolist() == prefix:
+        ids = ids[len(prefix):]
+    n = ids.numel() // body
     if n < 1:
         raise DataError(f"{name} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seq_len].view(n, seq_len).clone()
+    windows = ids[: n * body].view(n, body)
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), windows], 1)
+    return windows.clone()
 
 
 def calibration_windows(tokenizer, path: str | os.PathLike, nsamples: int, seq_len: int,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from editcomp.data import (Fact, FactLang, Probe, calibration_windows, facts_sha256, load_facts, load_text,
-                           token_windows)
+from editcomp.data import (Fact, FactLang, Probe, calibration_windows, document_prefix, facts_sha256,
+                           load_facts, load_text, token_windows)
 from editcomp.errors import DataError
 
 EXAMPLE_FACTS = Path(__file__).resolve().parents[1] / "examples" / "facts.jsonl"
@@ -45,6 +45,18 @@ def test_windows_are_non_overlapping_slices(tiny_tokenizer, text_file):
     assert token_windows(tiny_tokenizer, text_file, 32, max_windows=3).equal(w[:3])
     assert token_windows(tiny_tokenizer, str(text_file), 32).equal(w)  # str path
     assert token_windows(tiny_tokenizer, TEXT, 32).equal(w)  # raw text
+
+
+def test_windows_each_as_document_start_with_the_prefix_then_continue_the_text(tiny_tokenizer,
+                                                                             text_file):
+    ids = _reference_ids(tiny_tokenizer, TEXT)
+    bos = tiny_tokenizer.bos_token_id
+    assert document_prefix(tiny_tokenizer) == [bos] and ids[0] == bos
+    w = token_windows(tiny_tokenizer, text_file, 32, each_as_document=True)
+    body = ids[1:]  # the text without its own prefix, cut into 31-token pieces
+    assert w.shape == (len(body) // 31, 32)
+    for i in range(w.shape[0]):
+        assert w[i, 0].item() == bos and w[i, 1:].tolist() == body[i * 31:(i + 1) * 31]
 
 
 def test_windows_too_short(tiny_tokenizer, text_file):

@@ -228,7 +228,7 @@ def build_data(tokenizer, teacher, config: DistillConfig, text: str | None = Non
         raise ConfigError("no training data: give --text FILE, --generate N and/or --facts FILE")
     parts, sources = [], {}
     if text:
-        w = token_windows(tokenizer, os.fspath(text), config.seq_len)
+        w = token_windows(tokenizer, os.fspath(text), config.seq_len, each_as_document=True)
         parts.append(w)
         sources["text"] = {"path": str(text), "windows": int(w.shape[0])}
     if generate:
