@@ -143,9 +143,9 @@ def check_family(model, method: str, bits) -> None:
     if method in TRANSFORMS and blocker and bits.act is not None and bits.act.bits <= 4:
         raise ConfigError(
             f"{method} {bits.name} is not supported on {get_adapter(model).family}: 4-bit "
-            f"activations need the residual-stream rotation, and {blocker}. Use weight-only "
-            f"(w4a16) or 8-bit activations (w4a8kv8, w8a8) with {method}, or --method rtn/gptq "
-            f"for an unrotated w4a4 baseline")
+            f"activations need the residual-stream rotation, and {blocker}. Use --method "
+            f"gptq / nupes / nf4 for weight-only (w4a16) or rtn / gptq for an unrotated w4a4 "
+            f"baseline ({method} with 4-bit weights is also broken there: ppl > 5000)")
 
 
 def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
