@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.checkpoint import atomic_directory
+from editcomp.data import document_prefix
 from editcomp.distill.losses import LOSSES, distill_loss, loss_params, teacher_confidence
 from editcomp.distill.trainables import _owned_by_wrapper, _Trainables
 from editcomp.errors import CheckpointError, ConfigError, DataError, NumericalError
@@ -150,17 +151,17 @@ def generate_sequences(model, tokenizer, n: int, length: int, seed: int = 0,
                        batch_size: int = 4, progress: bool = True) -> torch.Tensor:
     """``n`` sequences of ``length`` tokens sampled from ``model`` (LLM-QAT's data-free data).
 
-    Each starts with BOS (when the tokenizer adds one) and a uniformly random first token, then
-    samples from the full distribution at temperature 1; end-of-sequence is suppressed so every
-    sequence is a full window. A seeded generator makes it reproducible.
+    Each starts with the tokenizer's document prefix (``<bos>`` where it adds one) and a
+    uniformly random first token, then samples from the full distribution at temperature 1;
+    end-of-sequence is suppressed so every sequence is a full window. A seeded generator makes
+    it reproducible.
     """
     if n < 1:
         raise ConfigError(f"generate needs at least 1 sequence, got {n}")
     device = next(model.parameters()).device
     vocab = get_adapter(model).vocab_size
     gen = torch.Generator().manual_seed(seed)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    prefix = torch.tensor(document_prefix(tokenizer), dtype=torch.long)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     blocked = torch.zeros(vocab, dtype=torch.bool)
     blocked[[i for i in special if i < vocab]] = True
@@ -177,7 +178,7 @@ def generate_sequences(model, tokenizer, n: int, length: int, seed: int = 0,
             for b in range(0, n, batch_size):
                 m = min(batch_size, n - b)
                 first = allowed[torch.randint(0, allowed.numel(), (m, 1), generator=gen)]
-                ids = torch.cat([torch.full((m, 1), bos), first], 1) if adds_bos else first
+                ids = torch.cat([prefix.expand(m, -1), first], 1)
                 ids = ids.to(device)
                 o = model(input_ids=ids, use_cache=True)
                 past, logits = _cache_of(o), o.logits[:, -1]

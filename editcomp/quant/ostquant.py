@@ -50,9 +50,9 @@ from editcomp.quant.kvcache import disable_kv_quant, enable_kv_quant
 from editcomp.quant.ops import fake_quant, range_gradients
 from editcomp.quant.runtime import add_act_quant
 from editcomp.quant.spec import BitsSpec
-from editcomp.quant.transforms import (HadamardInput, add_down_hadamard, fold_norms, rotate_ov,
-                                       rotate_residual, scale_ov, scale_qkv, scale_updown,
-                                       scale_upgate)
+from editcomp.quant.transforms import (HadamardInput, add_down_hadamard, check_rotation,
+                                       fold_norms, rotate_ov, rotate_residual, scale_ov,
+                                       scale_qkv, scale_updown, scale_upgate)
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -417,11 +417,10 @@ def ostquant(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig, calib: to
     """The whole method: learned transforms (``ostquant_transform``), then GPTQ weights (MSE
     clip search, ``damp``) and the quantized runtime (lm_head in full precision; the Q/K
     Hadamard when the KV cache is quantized). Returns the report."""
-    from editcomp.quant.pipeline import check_family
     from editcomp.quant.runtime import quantize_model
     from editcomp.quant.weights import gptq_weights
 
-    check_family(model, "ostquant", bits)
+    check_rotation(model, "ostquant", bits)
     report = ostquant_transform(model, bits, config, calib, progress)
     device = next(model.parameters()).device
     codes = gptq_weights(model, bits.weight, calib.to(device), damp=damp, mse_clip=True,

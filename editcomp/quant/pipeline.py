@@ -19,7 +19,7 @@ from editcomp.quant.ostquant import OSTQuantConfig, ostquant_transform
 from editcomp.quant.qsur import layer_qsur
 from editcomp.quant.runtime import quantize_model
 from editcomp.quant.spec import parse_bits
-from editcomp.quant.transforms import quarot
+from editcomp.quant.transforms import check_rotation, quarot
 from editcomp.quant.weights import gptq_weights, rtn_weights
 
 METHODS = ("rtn", "gptq", "quarot", "ostquant", "nupes", "nf4", "fp4")
@@ -129,25 +129,6 @@ class QuantizeConfig:
                 or (stage == "nupes" and not self.nupes.data_free))
 
 
-def check_family(model, method: str, bits) -> None:
-    """Refuse rotation methods at 4-bit (or lower) activations on a family whose residual
-    stream cannot be rotated (``ArchAdapter.residual_rotation_blocker``).
-
-    QuaRot and OSTQuant make 4-bit activations usable by rotating the residual stream, which
-    spreads its outlier channels over all channels; without that rotation the per-token grid is
-    set by the outliers. Measured on gemma3-270m (benchmarks/results/
-    distill_edit_survival_gemma3_run1.txt): ostquant w4a4kv4 without the residual rotation gave
-    ppl 2.9e9 against 50 in fp. Weight-only and 8-bit activation settings stay supported.
-    """
-    blocker = get_adapter(model).residual_rotation_blocker
-    if method in TRANSFORMS and blocker and bits.act is not None and bits.act.bits <= 4:
-        raise ConfigError(
-            f"{method} {bits.name} is not supported on {get_adapter(model).family}: 4-bit "
-            f"activations need the residual-stream rotation, and {blocker}. Use --method "
-            f"gptq / nupes / nf4 for weight-only (w4a16) or rtn / gptq for an unrotated w4a4 "
-            f"baseline ({method} with 4-bit weights is also broken there: ppl > 5000)")
-
-
 def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
              progress: bool = True) -> dict:
     """Quantize ``model`` in place as ``config`` says; return a report of what was done.
@@ -155,7 +136,8 @@ def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
     ``calib`` ([n, seq_len] token ids) is required by the calibrated methods.
     """
     bits = config.bits_spec()
-    check_family(model, config.method, bits)
+    if config.method in TRANSFORMS:
+        check_rotation(model, config.method, bits)
     if config.needs_calibration and calib is None:
         raise ConfigError(f"method {config.method!r} needs calibration windows")
     if config.weight_stage == "nupes":

@@ -142,6 +142,26 @@ def _check_unit_gains(a: ArchAdapter) -> None:
                               f"rotating; found gains in [{g.min().item():.3g}, {g.max().item():.3g}]")
 
 
+def check_rotation(model: nn.Module, method: str, bits) -> None:
+    """Refuse a rotation method (``method``: quarot / ostquant) at 4-bit (or lower) activations
+    on a family whose residual stream cannot be rotated (``residual_rotation_blocker``).
+
+    QuaRot and OSTQuant make 4-bit activations usable by rotating the residual stream, which
+    spreads its outlier channels over all channels; without that rotation the per-token grid is
+    set by the outliers. Measured on gemma3-270m (benchmarks/results/
+    distill_edit_survival_gemma3_run1.txt, 16 training steps): ostquant w4a4kv4 without the
+    residual rotation gave ppl 2.9e9 against 50 in fp, RTN w4a4kv4 1.3e4. Weight-only settings
+    are not refused here, although 4-bit weights break too (quant_gemma3_w4a16.json).
+    """
+    a = get_adapter(model)
+    if a.residual_rotation_blocker and bits.act is not None and bits.act.bits <= 4:
+        raise ConfigError(
+            f"{method} {bits.name} is not supported on {a.family}: 4-bit activations need the "
+            f"residual-stream rotation, and {a.residual_rotation_blocker}. Use --method "
+            f"gptq / nupes / nf4 for weight-only (w4a16) or rtn / gptq for an unrotated w4a4 "
+            f"baseline ({method} with 4-bit weights is also broken there: ppl > 5000)")
+
+
 def rotate_residual(model: nn.Module, R: torch.Tensor) -> nn.Module:
     """Rotate the residual stream by orthogonal ``R [d, d]`` (``h -> h R``).
 
