@@ -8,6 +8,7 @@ import torch
 from conftest import run_cli as invoke
 
 from editcomp import checkpoint
+from editcomp.arch import get_adapter
 from editcomp.errors import ConfigError, NumericalError
 from editcomp.quant import ostquant as ost
 from editcomp.quant.checkpoint_io import save_quantized
@@ -49,11 +50,26 @@ def test_learned_transforms_preserve_the_function(family):
         assert rel(model(ids).logits, ref(ids).logits) < 1e-4
 
 
+def spread_gains(model):
+    """Give every pre-norm a gain spread like Gemma3's (0 to 3 per channel), the same for
+    every call, so a reference model can get the same gains."""
+    g = torch.Generator().manual_seed(5)
+    a = get_adapter(model)
+    with torch.no_grad():
+        for p in a.layers():
+            for norm in (p.attn_in_norm, p.mlp_in_norm):
+                a.set_norm_gain(norm, torch.rand(norm.weight.shape, generator=g) * 3)
+    return model
+
+
 def folded_with_random_transforms(model, family: str, seed: int) -> OSTTransforms:
-    """Fold ``model``'s norms and give it transforms far from the identity (residual rotation
-    unless the family forbids it)."""
-    fold_norms(model)
-    t = OSTTransforms(model, residual=family != "gemma3", seed=seed)
+    """Give ``model`` transforms far from the identity: a residual rotation on folded norms
+    unless the family forbids it; then the norm gains stay (the functional norm weight is
+    ``gain / s``, tested with ``spread_gains``)."""
+    residual = family != "gemma3"
+    if residual:
+        fold_norms(model)
+    t = OSTTransforms(model, residual=residual, seed=seed)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in t.parameters():
@@ -65,7 +81,7 @@ def folded_with_random_transforms(model, family: str, seed: int) -> OSTTransform
 def test_training_forward_is_the_fused_model(family):
     """With quantization off, the functional forward (f(W, R, S) + hooks) computes the original
     model for any transform values, and fusing gives the same weights."""
-    model, ref = tiny_model(family), tiny_model(family)
+    model, ref = spread_gains(tiny_model(family)), spread_gains(tiny_model(family))
     t = folded_with_random_transforms(model, family, seed=1)
     ids = torch.randint(3, 500, (2, 24))
     with torch.no_grad():

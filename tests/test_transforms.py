@@ -215,3 +215,23 @@ def test_bad_shapes_are_config_errors():
         scale_updown(a, a.layers()[0], torch.zeros(a.intermediate_size))
     with pytest.raises(ConfigError, match="one rotation stack per layer"):
         rotate_ov(model, [])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quarot_without_residual_rotation_keeps_the_norm_gains(family):
+    """Only the residual rotation needs unit gains. Without it the gains stay in the norms and
+    q/k/v/gate/up keep their own column scale: Gemma3's gains (0.3 to 70) folded into
+    the weights leave a few columns setting every row's 4-bit grid (ppl 6.8e6 vs 273, RTN w4a16)."""
+    model = tiny_model(family)
+    a = get_adapter(model)
+    with torch.no_grad():
+        for p in a.layers():
+            a.set_norm_gain(p.attn_in_norm, torch.linspace(0.3, 70, a.hidden_size))
+    ref = logits(model)
+    gains = [a.norm_gain(n).clone() for p in a.layers() for n in (p.attn_in_norm, p.mlp_in_norm)]
+    q_before = [p.q.weight.detach().clone() for p in a.layers()]
+    quarot(model, residual=False)
+    assert_same(logits(model), ref)
+    after = [a.norm_gain(n) for p in a.layers() for n in (p.attn_in_norm, p.mlp_in_norm)]
+    assert all(torch.equal(x, y) for x, y in zip(gains, after))
+    assert all(torch.equal(p.q.weight, w) for p, w in zip(a.layers(), q_before))

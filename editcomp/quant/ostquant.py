@@ -185,8 +185,9 @@ class OSTTransforms(nn.Module):
                 res[lin[role]]["bias"] = b.to(lin[role].bias.dtype)
         off = a.norm_offset
         for norm, s in ((parts.attn_in_norm, s_qkv), (parts.mlp_in_norm, s_ug)):
-            if input_side:
-                res[norm] = {"weight": (1.0 / s - off).to(norm.weight.dtype)}
+            if input_side:  # gain / s: the gain is 1 when folded (residual rotation), else kept
+                g = a.norm_gain(norm).to(s.device)
+                res[norm] = {"weight": (g / s - off).to(norm.weight.dtype)}
         return res
 
     def functional_params(self, layers, names: dict[int, str], w_spec=None,
@@ -370,7 +371,8 @@ def ostquant_transform(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig,
     teacher = teacher_cache(model, wins, config.topk, progress) if config.steps else None
     t_teacher = time.time() - t0
 
-    fold_norms(model)
+    if residual:  # only a residual rotation needs unit gains (see transforms.quarot)
+        fold_norms(model)
     t = OSTTransforms(model, residual, seed=config.seed)
     groups = []
     if config.learn_rotations:
