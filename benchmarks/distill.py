@@ -198,7 +198,8 @@ def main():
     ap.add_argument("--losses", default="fkl,cakld",
                     help="comma-separated: fkl, rkl, jsd, skl, srkl, kltop, cakld")
     ap.add_argument("--train", default="scales")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=2e-3,
+                    help="scales train in log space: a relative step")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)

@@ -95,6 +95,34 @@ def _lora_params(in_f, out_f, rank, alpha, device, generator):
             alpha / rank)
 
 
+class LogScales:
+    """Trains a ``QuantLinear``'s scales in log space: ``scales = s0 * exp(u)``, ``u`` from 0.
+
+    Adam moves each trained number by about ``lr`` per step whatever its size, so on the raw
+    scales one learning rate is a different relative step in every layer and model (gemma3-270m
+    w4 g64 scales are 0.002-0.03, SmolLM2 w3 ones several times larger). On ``u`` it is the same
+    fraction everywhere, and a scale never changes sign (NUPES scales are signed). A forward
+    pre-hook puts ``s0 * exp(u)`` in the layer's ``scales`` buffer, so the layer's own
+    dequantization (any grid kind) carries the gradient.
+    """
+
+    def __init__(self, q: QuantLinear):
+        self.q = q
+        self.s0 = q.scales.detach().clone()
+        self.u = nn.Parameter(torch.zeros_like(self.s0))
+        self.hook = q.register_forward_pre_hook(self._install)
+
+    def _install(self, module, args):
+        module._buffers["scales"] = self.s0 * self.u.exp()
+
+    @torch.no_grad()
+    def finish(self, commit: bool) -> None:
+        """Remove the hook; leave the trained scales (``commit``) or the original ones."""
+        self.hook.remove()
+        self.q._buffers["scales"] = (self.s0 * self.u.exp()) if commit else self.s0
+        self.q._w_cache = None
+
+
 def _norm_modules(model) -> list[nn.Module]:
     adapter = get_adapter(model)
     mods = [adapter.final_norm]
@@ -160,17 +188,14 @@ class _Trainables:
             for p in (wrapper.lora_A, wrapper.lora_B):
                 if p is not None:
                     p.requires_grad_(True)
-        if "scales" in sets:
-            for q in qls.values():
-                q.scales.requires_grad_(True)
+        self.log_scales = ({name: LogScales(q) for name, q in qls.items()}
+                           if "scales" in sets else {})
         self.tensors: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in frozen:
                 self.tensors[name] = p
-        if "scales" in sets:
-            for name, b in model.named_buffers():
-                if b.requires_grad:
-                    self.tensors[name] = b
+        for name, ls in self.log_scales.items():
+            self.tensors[f"{name}.log_scales"] = ls.u
         for name, p in model.named_parameters():
             if id(p) in frozen:
                 p.requires_grad_(False)
@@ -193,6 +218,9 @@ class _Trainables:
                     wrapper.merge()
             replace_module(self.model, wrapper, orig)
         self.swapped = []
+        for ls in self.log_scales.values():
+            ls.finish(commit)
+        self.log_scales = {}
         for t in self.tensors.values():
             t.requires_grad_(False)
         for q in quant_linears(self.model).values():
@@ -202,4 +230,5 @@ class _Trainables:
 def _owned_by_wrapper(model, name: str, trainables: _Trainables) -> bool:
     """Whether a trainable tensor lives in a training wrapper (discarded, nothing to restore)."""
     t = trainables.tensors[name]
-    return any(t is p for w, _ in trainables.swapped for p in w.parameters(recurse=False))
+    return (any(t is p for w, _ in trainables.swapped for p in w.parameters(recurse=False))
+            or any(t is ls.u for ls in trainables.log_scales.values()))

@@ -7,7 +7,8 @@ What is trained (``DistillConfig.train``; lm_head and embeddings always stay fro
   dequantized weight and fake-quantized with the layer's *fixed* scales at every step
   (straight-through estimator, BitDistiller / LLM-QAT); at the end the latent is rounded back
   to integer codes, so the result is a checkpoint of the student's own format.
-- ``scales``: only the quantization scales of the ``QuantLinear``s (codes fixed);
+- ``scales``: only the quantization scales of the ``QuantLinear``s (codes fixed), trained in
+  log space so ``lr`` is a relative step (``trainables.LogScales``);
 - ``norms``: only the norm gains;
 - ``lora``: low-rank adapters on the decoder linears, merged at the end; on a quantized layer
   the adapter is trained through the same fixed-grid fake-quantizer it is re-quantized with,
@@ -47,7 +48,7 @@ from editcomp.errors import CheckpointError, ConfigError, DataError, NumericalEr
 
 TRAIN_SETS = ("all", "scales", "norms", "lora")
 #: learning rates that move each trainable set noticeably within a few hundred steps
-DEFAULT_LR = {"all": 1e-5, "scales": 1e-4, "norms": 1e-3, "lora": 2e-4}
+DEFAULT_LR = {"all": 1e-5, "scales": 2e-3, "norms": 1e-3, "lora": 2e-4}
 #: config fields that do not change what a run computes (left out of its identity)
 _NOT_IDENTITY = ("save_every", "checkpoint_dir", "resume")
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
