@@ -342,7 +342,8 @@ def export_cmd(model, fmt, out, bits, group_size, method, calib, nsamples, seq_l
                    "scales/norms/lora combine, e.g. scales,norms.")
 @click.option("--steps", default=100, show_default=True, help="Optimizer steps.")
 @click.option("--lr", type=float, default=None,
-              help="Learning rate (default: all 1e-5, scales 2e-3 (relative: scales train in log space), norms 1e-3, lora 2e-4).")
+              help="Learning rate (default: all 1e-5, scales 2e-3, norms 1e-3, lora 2e-4). "
+                   "Scales train in log space, so theirs is a relative step.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per training window.")
 @click.option("--batch-size", default=1, show_default=True, help="Windows per micro-batch.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per step.")

@@ -117,10 +117,10 @@ class LogScales:
 
     @torch.no_grad()
     def finish(self, commit: bool) -> None:
-        """Remove the hook; leave the trained scales (``commit``) or the original ones."""
+        """Remove the hook; leave the trained scales (``commit``) or the original ones (the
+        owner, ``_Trainables.finish``, then drops every layer's cached weight)."""
         self.hook.remove()
         self.q._buffers["scales"] = (self.s0 * self.u.exp()) if commit else self.s0
-        self.q._w_cache = None
 
 
 def _norm_modules(model) -> list[nn.Module]:
