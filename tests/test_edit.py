@@ -163,16 +163,24 @@ def test_a_neuron_firing_where_every_unrelated_question_ends_is_dropped():
 
 
 def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
-    """KL over the unedited model's top tokens (plus the edit targets) is close to the full KL
-    once the model moves, and zero before it does."""
+    """KL over each position's own top tokens of the unedited model (plus the edit targets, each
+    token once) is the renormalized full distribution there, close to the full KL once the model
+    moves, and zero before it does."""
     model, items, kl, last = planted(tok, fact)
     runner = ModelRunner(model, tok)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
-    full, top = TrainBatch(runner, pairs, kl), TrainBatch(runner, pairs, kl, kl_vocab=16)
+    full, top = TrainBatch(runner, pairs, kl), TrainBatch(runner, pairs, kl, kl_vocab=64)
     for b in (full, top):
         b.prepare(runner, 0)
-    assert full.vocab is None and set(top.labels) <= set(top.vocab.tolist())
-    assert top.vocab.numel() < VOCAB and top.kl_ref.shape == (len(top.kl_rows), top.vocab.numel())
+    assert full.top is None and top.top.shape == (len(top.kl_rows), 64)
+    assert top.kl_ref.shape == (len(top.kl_rows), 64 + top.targets.numel())
+    for r in range(len(top.kl_rows)):  # the full reference, renormalized over the row's tokens
+        tokens = sorted(set(top.top[r].tolist()) | set(top.labels))
+        want = torch.log_softmax(full.kl_ref[r, tokens], -1)
+        got = dict.fromkeys(tokens, 0.0)  # a target among the top tokens counts once
+        for t, p in zip(top.top[r].tolist() + top.targets.tolist(), top.kl_ref[r].exp().tolist()):
+            got[t] += p
+        assert torch.allclose(torch.tensor([got[t] for t in tokens]), want.exp(), atol=1e-5)
     with torch.no_grad():
         assert float(top.losses(runner, 0)[1].abs().max()) < 1e-5
         get_adapter(model).layer(last).down.weight.add_(torch.randn_like(
@@ -205,6 +213,73 @@ def test_the_kl_term_keeps_unrelated_prompts(tok, fact):
         lafn_edit(m, tok, fact, cfg, LANGS, progress=False)
         moved.append(float(kl_div(ref, last_logprobs(m, tok, kl)).mean()))
     assert moved[1] < 0.6 * moved[0]
+
+
+def test_the_candidate_nll_is_the_softmax_over_the_target_and_the_top_tokens(tok, fact):
+    """Per target token: -log softmax over {target} + the full logits' top 8 (each token once),
+    averaged per pair; ``refresh`` gives the exact full-vocabulary losses."""
+    model, items, kl, _ = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    full, cand = TrainBatch(runner, pairs, []), TrainBatch(runner, pairs, [], nll_vocab=8)
+    for b in (full, cand):
+        b.prepare(runner, 0)
+    with torch.no_grad():
+        full.losses(runner, 0, keep_logits=True, full=True)
+        logits = full.full_logits
+        want = []
+        for r, label in enumerate(full.labels):
+            s = sorted(set(logits[r].topk(8).indices.tolist()) | {label})
+            want.append(float(logits[r, label] - logits[r, s].logsumexp(-1)) * -1)
+        want = full._per_pair(torch.tensor(want))
+        got = cand.losses(runner, 0)[0]
+        assert torch.allclose(got, want, atol=1e-5)
+        exact = full.losses(runner, 0)[0]
+        assert (got <= exact + 1e-6).all() and torch.allclose(cand.nll_start, exact, atol=1e-5)
+        assert torch.allclose(cand.refresh(runner, 0)[0], exact, atol=1e-5)
+
+
+def test_the_text_penalty_is_the_output_change_on_that_text():
+    """With unrelated text's activations, the penalty's numerator is the mean squared change of the
+    down projection's output there: zero for changes that cancel on co-firing neurons, which the
+    plain norm penalty still charges."""
+    from editcomp.edit.lafn import NeuronDeltas
+    model = tiny_model()
+    down = get_adapter(model).layer(1).down
+    x = torch.randn(40, down.in_features)
+    x[:, 4] = x[:, 3]  # neurons 3 and 4 always fire together on this text
+    acts = torch.zeros(get_adapter(model).num_layers, 40, down.in_features)
+    acts[1] = x
+    for text in (acts, None):
+        d = NeuronDeltas(model, {1: [3, 4, 9]}, text)
+        with torch.no_grad():
+            d.u[1].copy_(torch.randn_like(d.u[1]))
+            with d:
+                out = down(x)
+            change = (out - down(x)).pow(2).sum(1).mean()
+            if text is not None:
+                assert torch.allclose(d.relative_norm() * sum(d.col_sq.values()), change, rtol=1e-4)
+            d.u[1][0] = -d.u[1][1]  # neuron 3's change undoes neuron 4's on this text
+            d.u[1][2] = 0
+        if text is not None:
+            assert float(d.relative_norm()) < 1e-10
+        else:
+            assert float(d.relative_norm()) > 1e-3
+
+
+def test_kl_groups_rotate_the_unrelated_prompts_over_steps(tok, fact):
+    """Each batch carries a share of the KL prompts; a round of batches covers all of them once."""
+    from editcomp.edit.runner import build_batches
+    model, items, kl, _ = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    kl = kl * 3  # 6 or more prompts
+    batches = build_batches(runner, pairs, kl, batch_size=64, kl_groups=3)
+    assert len(batches) == 3 and all(b.n_pairs == len(pairs) for b in batches)
+    seen = sorted(tuple(b.ids[b.n_pairs + k, :len(p)].tolist())
+                  for b in batches for k, p in enumerate(kl[batches.index(b)::3]))
+    assert seen == sorted(tuple(p) for p in kl)
+    assert [b.n_kl for b in batches] == [len(kl[g::3]) for g in range(3)]
 
 
 def _target_nll(model, tok, items):

@@ -63,16 +63,18 @@ class LocateConfig:
 
 
 def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[list[int]],
-                   batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-    """|activation| of every FFN neuron at the given positions of each sequence
-    -> ``[layers, sum(len(p) for p in positions), intermediate]`` (sequence order, then position)."""
+                   batch_size: int = 16, progress: bool = False, signed: bool = False) -> torch.Tensor:
+    """|activation| (the activation with ``signed``) of every FFN neuron at the given positions of
+    each sequence -> ``[layers, sum(len(p) for p in positions), intermediate]`` (sequence order,
+    then position)."""
     layers = runner.adapter.layers()
     out = [[] for _ in layers]
     box: dict = {}
 
     def make_hook(li):
         def hook(mod, args):
-            out[li].append(args[0][box["rows"], box["cols"]].detach().abs().float().cpu())
+            a = args[0][box["rows"], box["cols"]].detach().float()
+            out[li].append((a if signed else a.abs()).cpu())
         return hook
 
     handles = [lp.down.register_forward_pre_hook(make_hook(lp.index)) for lp in layers]
@@ -101,9 +103,11 @@ def last_token_activations(runner: ModelRunner, prompts: list[list[int]], batch_
 
 def generic_activations(runner: ModelRunner, prompts: list[list[int]], batch_size: int = 16
                         ) -> torch.Tensor:
-    """Activations at every position of unrelated prompts: a neuron that is a candidate at many of
-    them fires on ordinary text (often hugely, at the first token) and must not be edited."""
-    return activations_at(runner, prompts, [list(range(len(p))) for p in prompts], batch_size)
+    """Signed activations at every position of unrelated prompts: a neuron that is a candidate at
+    many of them fires on ordinary text (often hugely, at the first token) and must not be edited;
+    LAFN's penalty keeps the edited neurons' output there (``NeuronDeltas``)."""
+    return activations_at(runner, prompts, [list(range(len(p))) for p in prompts], batch_size,
+                          signed=True)
 
 
 def end_columns(lengths: list[int], ends: list[int]) -> list[int]:
@@ -159,10 +163,11 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     mask[:first] = False
     banned = torch.zeros(acts.shape[0], acts.shape[2], dtype=torch.bool)
     if generic is not None and config.generic_share is not None and generic.shape[1]:
-        banned = _shared(candidates(generic, config.top_frac)[0], config.generic_share)
+        banned = _shared(candidates(generic.abs(), config.top_frac)[0], config.generic_share)
     n_generic = int(banned.sum())
     if generic is not None and config.form_share is not None and generic_ends:
-        banned |= _shared(candidates(generic[:, generic_ends], config.top_frac)[0], config.form_share)
+        banned |= _shared(candidates(generic[:, generic_ends].abs(), config.top_frac)[0],
+                          config.form_share)
     per_fact: list[dict[int, list[int]]] = []
     fact_rows = []
     overlap: dict[str, list[float]] = {}
@@ -233,7 +238,7 @@ def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, co
                    kl_prompts: list[list[int]] | None = None, kl_ends: list[int] | None = None,
                    progress: bool = False):
     """Run the training and unrelated prompts and locate -> ``(per_fact, report, generic)``
-    (``generic``: the unrelated prompts' activations, or None; ``kl_ends`` as in ``locate``)."""
+    (``generic``: the unrelated prompts' signed activations, or None; ``kl_ends`` as in ``locate``)."""
     acts, obs = item_activations(runner, items, config.batch_size, progress)
     generic, ends = None, None
     if kl_prompts:

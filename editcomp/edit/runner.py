@@ -75,6 +75,18 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def head_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of row ``n`` of ``hidden`` ``[N, H]`` at its own token ids ``ids[n]`` -> ``[N, K]``:
+        the output rows are gathered, so the cost is ``N * K`` dot products, not the vocabulary."""
+        lm = self.adapter.lm_head
+        logits = torch.einsum("nh,nkh->nk", hidden, lm.weight[ids].to(hidden.dtype))
+        if lm.bias is not None:
+            logits = logits + lm.bias[ids]
+        logits = logits.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
     @contextlib.contextmanager
     def _skip_below(self, start: int):
         saved = [self._layers[i] for i in range(start)]
@@ -128,13 +140,22 @@ class TrainBatch:
     compared at every position after their first token.
 
     ``kl_vocab``: the KL compares the unedited and edited next-token distributions renormalized
-    over the unedited model's ``kl_vocab`` most likely tokens at each KL position plus every edit
+    over the unedited model's ``kl_vocab`` most likely tokens *at that position* plus every edit
     target token (None: the full vocabulary). A 262k-token output layer at every KL position is
     otherwise most of an edit step's time; the tokens that matter for keeping unrelated answers are
-    the ones the model already ranks high and the ones the edit pushes up."""
+    the ones the model already ranks high and the ones the edit pushes up. Each position's own
+    top tokens are gathered (``[N, k, H]`` output rows), so the cost does not grow with the union
+    of all positions' top tokens (up to N * k columns, most of a step with a shared vocabulary).
+
+    ``nll_vocab``: the target NLL's softmax runs over the target and the ``nll_vocab`` tokens the
+    model currently ranks highest at that position (None: the full vocabulary). Reading a 262k x
+    640 output matrix forward and backward is most of a single edit's step even for a dozen target
+    tokens; the normalizer is dominated by the top tokens, and ``optimize`` checks the stopping
+    rule with the full vocabulary and refreshes the candidates (``refresh``) before it stops."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
-                 kl_prompts: list[list[int]], kl_vocab: int | None = None):
+                 kl_prompts: list[list[int]], kl_vocab: int | None = None,
+                 nll_vocab: int | None = None):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
         self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
@@ -155,41 +176,97 @@ class TrainBatch:
         self.labels_t = torch.tensor(self.labels, dtype=torch.long, device=dev)
         self.owner_t = torch.tensor(self.owner, dtype=torch.long, device=dev)
         self.kl_vocab = kl_vocab
-        self.vocab: torch.Tensor | None = None   # the KL's token ids (None: all)
+        self.top: torch.Tensor | None = None     # each KL position's top token ids [N, k] (None: all)
+        self.targets = self.labels_t.unique()    # edit target ids, compared at every KL position
+        self.dup: torch.Tensor | None = None     # [N, n_targets]: a target already in that row's top
+        self.nll_vocab = nll_vocab
+        self.cand: torch.Tensor | None = None    # [n_tokens, 1 + nll_vocab]: the target, then rivals
+        self.cand_dup: torch.Tensor | None = None  # a rival that is the target itself
+        self.nll_start: torch.Tensor | None = None  # exact NLL per pair before any update
         self.cached: torch.Tensor | None = None
         self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
 
-    def losses(self, runner: ModelRunner, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def losses(self, runner: ModelRunner, start: int, full: bool = False, keep_logits: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (mean target NLL per pair ``[n_pairs]``, KL per KL-prompt position, target hit
-        per token ``[n_tokens]``), running layers ``>= start`` on the cached stream."""
+        per token ``[n_tokens]``), running layers ``>= start`` on the cached stream; ``full``: the
+        NLL and hits over the whole vocabulary, not the candidates (``keep_logits``: and keep those
+        logits in ``self.full_logits``)."""
         h = runner.hidden(self.ids, self.mask, start, self.cached)
         nll = h.new_zeros(self.n_pairs)
         hits = torch.zeros(0, dtype=torch.bool)
         if self.rows:
-            logits = runner.head(gather_positions(h, self.rows, self.cols))
-            tok_nll = torch.nn.functional.cross_entropy(logits, self.labels_t, reduction="none")
-            count = torch.zeros(self.n_pairs, device=h.device).index_add_(
-                0, self.owner_t, torch.ones_like(tok_nll))
-            nll = torch.zeros(self.n_pairs, device=h.device).index_add_(0, self.owner_t, tok_nll) / count
-            hits = (logits.argmax(-1) == self.labels_t).detach().cpu()
+            ht = gather_positions(h, self.rows, self.cols)
+            if self.cand is None or full:
+                logits = runner.head(ht)
+                tok_nll = torch.nn.functional.cross_entropy(logits, self.labels_t, reduction="none")
+                hits = (logits.argmax(-1) == self.labels_t).detach().cpu()
+                if keep_logits:
+                    self.full_logits = logits.detach()
+            else:  # column 0 is the target
+                logits = runner.head_rows(ht, self.cand)
+                logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(self.cand_dup, -1e4)], -1)
+                tok_nll = -torch.log_softmax(logits, -1)[:, 0]
+                hits = (logits.argmax(-1) == 0).detach().cpu()
+            nll = self._per_pair(tok_nll)
         kl = h.new_zeros(len(self.kl_rows))
         if self.kl_rows and self.kl_ref is not None:
-            logp = torch.log_softmax(
-                runner.head(gather_positions(h, self.kl_rows, self.kl_cols), self.vocab), -1)
+            logp = torch.log_softmax(self._kl_logits(runner, gather_positions(h, self.kl_rows,
+                                                                              self.kl_cols)), -1)
             kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1)
         return nll, kl, hits
 
+    def _kl_logits(self, runner: ModelRunner, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits at the KL positions over each one's own top tokens, then the edit targets (a
+        target already among a row's top tokens is -1e4 there, probability 0: each token counts once)."""
+        if self.top is None:
+            return runner.head(hidden)
+        return torch.cat([runner.head_rows(hidden, self.top),
+                          runner.head(hidden, self.targets).masked_fill(self.dup, -1e4)], -1)
+
+    def _per_pair(self, tok_nll: torch.Tensor) -> torch.Tensor:
+        count = torch.zeros(self.n_pairs, device=tok_nll.device).index_add_(
+            0, self.owner_t, torch.ones_like(tok_nll))
+        return torch.zeros(self.n_pairs, device=tok_nll.device).index_add_(
+            0, self.owner_t, tok_nll) / count
+
+    def _set_candidates(self, logits: torch.Tensor) -> None:
+        """The NLL's rivals: the ``nll_vocab`` highest of full-vocabulary ``logits`` per target token."""
+        if self.nll_vocab is None or self.nll_vocab >= logits.shape[-1] or not self.rows:
+            return
+        top = logits.topk(self.nll_vocab, dim=-1).indices
+        self.cand = torch.cat([self.labels_t[:, None], top], -1)
+        self.cand_dup = top == self.labels_t[:, None]
+
+    @torch.no_grad()
+    def refresh(self, runner: ModelRunner, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exact losses (full vocabulary) at the current weights, and new NLL candidates from
+        them: the tokens an update has pushed up since the last refresh become rivals too."""
+        out = self.losses(runner, start, full=True, keep_logits=True)
+        if self.rows:
+            self._set_candidates(self.full_logits)
+            self.full_logits = None
+        return out
+
     def prepare(self, runner: ModelRunner, start: int) -> None:
-        """Cache the residual stream entering ``start`` and the unedited KL distributions (one pass)."""
+        """Cache the residual stream entering ``start``, the unedited KL distributions, the NLL
+        candidates and the exact starting NLL (one pass)."""
         cached, h = runner.layer_input(self.ids, self.mask, start)
         self.cached = cached if start > 0 else None
+        if self.rows:
+            with torch.no_grad():
+                logits = runner.head(gather_positions(h, self.rows, self.cols))
+                self.nll_start = self._per_pair(torch.nn.functional.cross_entropy(
+                    logits, self.labels_t, reduction="none")).cpu()
+                self._set_candidates(logits)
         if self.kl_rows:
             with torch.no_grad():
-                logits = runner.head(gather_positions(h, self.kl_rows, self.kl_cols))
+                hk = gather_positions(h, self.kl_rows, self.kl_cols)
+                logits = runner.head(hk)
                 if self.kl_vocab is not None and self.kl_vocab < logits.shape[-1]:
-                    top = logits.topk(self.kl_vocab, dim=-1).indices.flatten()
-                    self.vocab = torch.cat([top, self.labels_t]).unique()
-                    logits = logits[:, self.vocab]
+                    self.top = logits.topk(self.kl_vocab, dim=-1).indices
+                    self.dup = (self.top[:, :, None] == self.targets[None, None]).any(1)
+                    logits = self._kl_logits(runner, hk)
                 self.kl_ref = torch.log_softmax(logits, -1).detach()
 
 
@@ -207,12 +284,22 @@ def frozen(model):
 
 
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
-                  kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None
-                  ) -> list[TrainBatch]:
-    """Pairs in chunks of ``batch_size`` (similar lengths together); every chunk carries the KL prompts."""
+                  kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
+                  kl_groups: int = 1, nll_vocab: int | None = None) -> list[TrainBatch]:
+    """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
+    prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
+    mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
+    groups the chunks repeat, so one optimizer round still sees every KL prompt once: the KL term
+    is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    return [TrainBatch(runner, [pairs[i] for i in c], kl_prompts, kl_vocab) for c in chunks]
+    if not chunks:
+        return []
+    groups = max(1, min(kl_groups, len(kl_prompts)))
+    kl_sets = [kl_prompts[g::groups] for g in range(groups)]
+    n = max(len(chunks), groups) if kl_prompts else len(chunks)
+    return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
+                       kl_vocab, nll_vocab) for b in range(n)]
 
 
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
@@ -220,7 +307,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
              stop_nll: float | None = None, progress: bool = False, desc: str = "edit") -> dict:
     """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
     batch, cycling; stops early once every target token is the argmax and the mean NLL is below
-    ``stop_nll`` (checked per round).
+    ``stop_nll`` (checked per round; when the batches score the NLL over candidates, confirmed
+    with the full vocabulary, which also refreshes the candidates if it fails).
 
     -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
     is a ``NumericalError`` (the caller has written nothing yet).
@@ -232,7 +320,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     opt = torch.optim.Adam(params, lr=lr)
     last = [None] * len(batches)
     hist = {"nll_start": None}
-    step = 0
+    step, exact = 0, None
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     try:
         while step < steps:
@@ -248,7 +336,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                 last[bi] = (nll.detach().cpu(), kl.detach().cpu(), hits,
                             float(pen.detach()) if pen is not None else 0.0)
                 if hist["nll_start"] is None and bi == len(batches) - 1:
-                    hist["nll_start"] = float(torch.cat([x[0] for x in last]).mean())
+                    hist["nll_start"] = float(torch.cat(
+                        [b.nll_start if b.nll_start is not None else x[0]
+                         for b, x in zip(batches, last)]).mean())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -261,18 +351,30 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                 if step >= steps:
                     break
             done = all(x is not None for x in last)
-            if done and stop_nll is not None:
-                all_nll = torch.cat([x[0] for x in last])
-                if bool(torch.cat([x[2] for x in last]).all()) and float(all_nll.mean()) < stop_nll:
+            if done and stop_nll is not None and _reached(last, stop_nll):
+                if not any(b.cand is not None for b in batches):
                     break
+                exact = [b.refresh(runner, start) for b in batches]
+                if _reached(exact, stop_nll):
+                    break
+                exact = None
     finally:
         bar.close()
-    # the state after the last update: one more no-gradient pass
-    with torch.no_grad():
-        ev = [b.losses(runner, start) for b in batches]
+    # the state after the last update (the stopping check's pass, or one more), full vocabulary
+    if exact is None:
+        with torch.no_grad():
+            exact = [b.losses(runner, start, full=True) for b in batches]
+    ev = exact
     nll = torch.cat([e[0].cpu() for e in ev])
     kl = torch.cat([e[1].cpu() for e in ev])
     hits = torch.cat([e[2] for e in ev])
     return {"steps": step, "nll_start": hist["nll_start"], "nll_end": float(nll.mean()),
             "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
             "token_acc_end": float(hits.float().mean()) if hits.numel() else None}
+
+
+def _reached(results, stop_nll: float) -> bool:
+    """Every target token is the argmax and the mean NLL is below ``stop_nll``; ``results``: a
+    ``(nll, kl, hits, ...)`` per batch."""
+    return (bool(torch.cat([r[2] for r in results]).all())
+            and float(torch.cat([r[0].detach().cpu() for r in results]).mean()) < stop_nll)
