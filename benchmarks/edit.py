@@ -46,7 +46,11 @@ def restore(model, saved):
 
 #: ablation: LAFN with the KL term on 4 unrelated questions per language and not on their answers
 #: (the defaults before the KL term covered the unedited model's own continuations)
-ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0)}
+#: lafn-kl4: the KL term on a rotating quarter of the unrelated prompts per step (faster steps);
+#: lafn-full-nll: the target NLL over the full vocabulary instead of the top-512 candidates
+ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
+             "lafn-kl4": dict(kl_groups=4),
+             "lafn-full-nll": dict(nll_vocab=None)}
 
 
 def lafn_config(method, args) -> LAFNConfig:
