@@ -125,6 +125,19 @@ def test_training_lowers_kl_top(bits):
     assert min(losses[-3:]) < 0.8 * losses[0]
 
 
+def test_quantized_weights_put_the_weight_error_into_the_training_loss():
+    """quantized_weights=True trains W4A4 against the float teacher: the first step's loss (before
+    any update) is the float-weight loss plus what 3-bit weights cost, so it is larger."""
+    ids = torch.randint(3, 500, (1, 48))
+    first = {}
+    for qw in (False, True):
+        report = ostquant_transform(sharp_model(), parse_bits("w3a4kv4"),
+                                    OSTQuantConfig(steps=1, train_seq_len=48,
+                                                   quantized_weights=qw), ids, progress=False)
+        first[qw] = report["losses"][0]
+    assert first[True] > 1.2 * first[False] > 0
+
+
 def test_kl_top_equals_the_direct_formula():
     g = torch.Generator().manual_seed(0)
     t_logits = torch.randn(2, 5, 50, generator=g) * 3
