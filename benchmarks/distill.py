@@ -83,7 +83,7 @@ def _distill_row(name, student, teacher, tok, windows, args, ppl_teacher, ppl_st
     return row, s
 
 
-def recovery_rows(args) -> list[dict]:
+def recovery_rows(args, t0) -> list[dict]:
     ck = checkpoint.load(args.model, device=args.device, dtype="fp32")
     tok, teacher = ck.tokenizer, ck.model
     windows = token_windows(tok, str(args.eval_text), args.eval_seq_len, args.windows)
@@ -105,9 +105,11 @@ def recovery_rows(args) -> list[dict]:
         print(f"{name}: ppl {ppl_student:.3f} (quantized in {qwall} s)", flush=True)
         rows.append({"student": name, "loss": "-", "ppl_teacher": ppl_teacher,
                      "ppl_before": ppl_student, "ppl_after": ppl_student, "quantize_s": qwall})
+        _save(args, rows, None, t0, partial=True)
         for loss in args.losses:
             rows.append(_distill_row(name, student, teacher, tok, windows, args, ppl_teacher,
                                      ppl_student, loss)[0])
+            _save(args, rows, None, t0, partial=True)
     return rows
 
 
@@ -243,7 +245,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    rows = recovery_rows(args) if args.students or args.student_checkpoint else []
+    rows = recovery_rows(args, t0) if args.students or args.student_checkpoint else []
     edits = edit_rows(args) if args.edits else None
 
     print(f"\nWikiText-2 test ppl, {args.windows} windows x {args.eval_seq_len} tokens; training "
@@ -262,11 +264,19 @@ def main():
         print("|---|" + "---|" * len(keys))
         for r in edits:
             print(f"| {r['stage']} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    wall = _save(args, rows, edits, t0)
+    print(f"\nwrote {args.out} ({wall:.0f} s)")
+
+
+def _save(args, rows, edits, t0, partial=False) -> float:
+    """Write the JSON result; ``partial``: after each row, so a stopped run keeps what it measured."""
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows, "edits": edits, "wall_s": round(time.time() - t0, 1)}
+    if partial:
+        result["partial"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    return result["wall_s"]
 
 
 if __name__ == "__main__":
