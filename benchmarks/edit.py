@@ -28,6 +28,7 @@ from editcomp import checkpoint  # noqa: E402
 from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import load_facts, token_windows  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
+from editcomp.edit.lafn import preservation_moments  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
 
@@ -50,17 +51,27 @@ def restore(model, saved):
 #: lafn-full-nll: the target NLL over the full vocabulary instead of the top-512 candidates
 ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
              "lafn-kl4": dict(kl_groups=4),
-             "lafn-full-nll": dict(nll_vocab=None)}
+             "lafn-full-nll": dict(nll_vocab=None),
+             "lafn-nokl": dict(kl_weight=0.0)}
+#: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
 
 
 def lafn_config(method, args) -> LAFNConfig:
-    return LAFNConfig(paraphrases=args.paraphrases, **ABLATIONS.get(method, {}))
+    extra = dict(ABLATIONS.get(method, {}))
+    if method.startswith("lafn-preserve:"):
+        extra["preserve_weight"] = float(method.split(":", 1)[1])
+    return LAFNConfig(paraphrases=args.paraphrases, **extra)
+
+
+def is_lafn(method) -> bool:
+    return method == "lafn" or method in ABLATIONS or method.startswith("lafn-preserve:")
 
 
 def edit(method, model, tok, facts, langs, args, unrelated=None):
-    if method == "lafn" or method in ABLATIONS:
+    if is_lafn(method):
+        preserve = args.moments if method.startswith("lafn-preserve:") else None
         return lafn_edit(model, tok, facts, lafn_config(method, args), langs, progress=False,
-                         unrelated=unrelated)
+                         unrelated=unrelated, preserve=preserve)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
 
 
@@ -153,7 +164,8 @@ def fmt(v):
 
 def dump(rows, args):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2,
+    meta = {k: v for k, v in vars(args).items() if k != "moments"}
+    Path(args.out).write_text(json.dumps({"args": meta, "rows": rows}, indent=2,
                                          ensure_ascii=False) + "\n")
 
 
@@ -178,7 +190,8 @@ def main():
     ap.add_argument("--cases", type=int, default=100, help="First N cases of each language file.")
     ap.add_argument("--protocols", default="single,cross,batch")
     ap.add_argument("--methods", default="lafn,ft-l",
-                    help="lafn, ft-l, and the ablation " + ", ".join(ABLATIONS))
+                    help="lafn, ft-l, and the ablations " + ", ".join(ABLATIONS)
+                    + ", lafn-preserve:WEIGHT")
     ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
@@ -196,6 +209,10 @@ def main():
     windows = (token_windows(tok, DATA / "wikitext-2" / "test.txt", args.seq_len, args.ppl_windows)
                if args.ppl_windows and "batch" in args.protocols else None)
     ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
+    # generic text for the preservation ablations: valid.txt windows (test.txt is the ppl probe)
+    args.moments = None
+    if any(m.startswith("lafn-preserve:") for m in args.methods):
+        args.moments = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt")
     rows: list[dict] = []
     for lang in args.langs:
         run_lang(model, tok, lang, args, rows, windows, ppl_before)

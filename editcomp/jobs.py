@@ -122,22 +122,27 @@ class EditConfig:
 
 def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offset: int = 0,
              report_file=None, force: bool = False, device=None, dtype=None,
-             lineage_extra: dict | None = None) -> dict:
+             lineage_extra: dict | None = None, preserve_text=None) -> dict:
     """Edit the facts of ``facts`` into ``model``; measure reliability / generality / locality /
-    portability per language against the unedited model; save with the facts' sha256."""
+    portability per language against the unedited model; save with the facts' sha256.
+    ``preserve_text`` (lafn): generic text whose FFN activations the edit must keep changing
+    little (``lafn.preservation_moments``)."""
     from editcomp import checkpoint
-    from editcomp.data import facts_sha256, load_facts
+    from editcomp.data import facts_sha256, load_facts, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
 
     if isinstance(langs, str):
         langs = [s.strip() for s in langs.split(",") if s.strip()] or None
     fact_list = load_facts(facts, langs=langs, limit=limit, offset=offset)
+    if preserve_text:
+        load_text(preserve_text)  # missing or empty: say so before loading the model
     _refuse_existing(out, force)
     config.validate()
     method_config = config.method_config()
     ck = checkpoint.load(model, device=device, dtype=dtype)
     check_edit_inputs(fact_list, ck.tokenizer, langs)  # every target tokenizes
-    report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs)
+    report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
+                              preserve_text=preserve_text)
     metrics = {"edit": report["metrics"], "losses": report["losses"],
                "seconds": round(report["seconds"], 1)}
     if config.method == "lafn":
@@ -146,7 +151,10 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
         "edit", config={"method": config.method, **report["config"]}, metrics=metrics, parent=ck,
         facts={"path": str(facts), "sha256": facts_sha256(facts), "count": len(fact_list),
                "offset": offset, "limit": limit, "langs": langs},
-        paraphrase_source=report["paraphrase_source"], **(lineage_extra or {}))
+        paraphrase_source=report["paraphrase_source"],
+        **({"preserve_text": {"path": str(preserve_text), "sha256": facts_sha256(preserve_text)}}
+           if preserve_text and config.method == "lafn" else {}),
+        **(lineage_extra or {}))
     path = _save(ck, out, entry, force)
     if report_file and config.method == "lafn":
         Path(report_file).write_text(json.dumps(report["locate"], indent=2, ensure_ascii=False)

@@ -267,6 +267,36 @@ def test_the_text_penalty_is_the_output_change_on_that_text():
             assert float(d.relative_norm()) > 1e-3
 
 
+def test_the_preservation_term_is_the_output_change_on_generic_text(tok):
+    """activation_moments is X^T X / n over the real (unpadded) tokens, and the preservation
+    term built from it is the mean squared change of down's output on that text, relative to
+    the edited columns' own output there."""
+    from editcomp.edit.lafn import NeuronDeltas
+    from editcomp.edit.locate import activation_moments
+    model = tiny_model()
+    runner = ModelRunner(model, tok)
+    seqs = [tok("The capital of Japan is Tokyo.")["input_ids"], tok("Paris")["input_ids"]]
+    down = get_adapter(model).layer(1).down
+    box = []
+    h = down.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()))
+    with torch.no_grad():
+        for sq in seqs:  # one at a time: no padding
+            runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
+    h.remove()
+    x = torch.cat([b[0] for b in box])
+    moments = activation_moments(runner, seqs, [1])
+    assert torch.allclose(moments[1], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-8)
+    d = NeuronDeltas(model, {1: [3, 4, 9]}, moments=moments)
+    with torch.no_grad():
+        d.u[1].copy_(torch.randn_like(d.u[1]))
+        with d:
+            out = down(x)
+        change = (out - down(x)).pow(2).sum(1).mean()
+    own = sum((down.weight[:, i].pow(2).sum() * x[:, i].pow(2).mean()) for i in (3, 4, 9))
+    assert torch.allclose(d.preservation() * own, change, rtol=1e-3)
+    assert float(d.preservation()) > 0
+
+
 def test_kl_groups_rotate_the_unrelated_prompts_over_steps(tok, fact):
     """Each batch carries a share of the KL prompts; a round of batches covers all of them once."""
     from editcomp.edit.runner import build_batches

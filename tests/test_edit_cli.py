@@ -121,3 +121,29 @@ def test_a_target_that_tokenizes_to_nothing(tiny_ckpt, tmp_path, tiny_tokenizer)
     one_line_error(run_cli("edit", facts, "--model", ck, "--out", out),
                    "f.jsonl:2", "langs.en.target", "tokenizes to no tokens")
     assert not out.exists()
+
+
+def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path):
+    text = _bad(tmp_path, "The weather was mild and the river ran quietly past the town. " * 200,
+                "generic.txt")
+    out = tmp_path / "edited"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
+                  "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--form-share", "1.0",
+                  "--steps", "3", "--preserve-text", text, "--preserve-weight", "7", "--json")
+    assert res.exit_code == 0, res.output
+    last = checkpoint.load(out).lineage["history"][-1]
+    assert last["config"]["preserve_weight"] == 7.0
+    assert last["preserve_text"] == {"path": str(text), "sha256": facts_sha256(text)}
+
+
+@pytest.mark.parametrize("content,needles", [
+    (None, ["missing.txt", "file not found"]),
+    ("too short", ["short.txt", "fewer than one window"]),
+])
+def test_bad_preserve_text_fails_in_one_line_and_writes_nothing(tiny_ckpt, tmp_path, content,
+                                                                needles):
+    text = tmp_path / "missing.txt" if content is None else _bad(tmp_path, content, "short.txt")
+    out = tmp_path / "out"
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out,
+                           "--langs", "en", "--limit", "1", "--preserve-text", text), *needles)
+    assert not out.exists()

@@ -95,6 +95,40 @@ def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[l
     return torch.stack([torch.cat(o) for o in out])
 
 
+def activation_moments(runner: ModelRunner, seqs: list[list[int]], layers: list[int],
+                       batch_size: int = 8, progress: bool = False) -> dict[int, torch.Tensor]:
+    """Second moments ``C = X^T X / n`` of the FFN activations (down_proj's input, signed) over
+    every real token of ``seqs``, for each of ``layers`` -> ``{layer: [I, I]}`` (fp32, on CPU).
+
+    ``tr(D^T C[idx, idx] D)`` is then the mean squared change of the residual stream that deltas
+    ``D`` on the columns ``idx`` cause on that text, without running the model: LAFN's
+    preservation term (MEMIT's, restricted to the located columns)."""
+    parts = {lp.index: lp for lp in runner.adapter.layers()}
+    sums: dict[int, torch.Tensor] = {}
+    box: dict = {}
+
+    def make_hook(li):
+        def hook(mod, args):
+            a = args[0][box["keep"]].detach().float()
+            sums[li] = sums.get(li, 0) + a.T @ a
+        return hook
+
+    handles = [parts[li].down.register_forward_pre_hook(make_hook(li)) for li in layers]
+    n = 0
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, len(seqs), batch_size), desc="text moments", unit="batch",
+                          disable=not progress, leave=False):
+                ids, mask = right_pad(seqs[s:s + batch_size], runner.pad, runner.device)
+                box["keep"] = mask.bool()
+                n += int(mask.sum())
+                runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {li: (c / max(1, n)).cpu() for li, c in sums.items()}
+
+
 def last_token_activations(runner: ModelRunner, prompts: list[list[int]], batch_size: int = 16,
                            progress: bool = False) -> torch.Tensor:
     """|activation| of every FFN neuron at each prompt's last token -> ``[layers, n, intermediate]``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from editcomp.data import Fact
 from editcomp.edit.ftl import FTLConfig, ftl_edit
-from editcomp.edit.lafn import LAFNConfig, lafn_edit
+from editcomp.edit.lafn import LAFNConfig, lafn_edit, preservation_moments
 from editcomp.edit.prompts import training_items
 from editcomp.eval.edit_metrics import edit_metrics, locality_reference
 
@@ -17,14 +17,19 @@ def check_edit_inputs(facts: list[Fact], tokenizer, langs=None) -> None:
 
 
 def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | FTLConfig, langs=None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, preserve_text=None) -> dict:
     """Locality reference of the unedited model, the edit, then the edit metrics -> report with
-    ``"metrics"`` (per language and mean: reliability, generality, locality, portability)."""
+    ``"metrics"`` (per language and mean: reliability, generality, locality, portability).
+    ``preserve_text``: LAFN's generic text (``preservation_moments``); ignored by FT-L."""
+    preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
+                if preserve_text and isinstance(config, LAFNConfig) and config.preserve_weight > 0
+                else None)  # first: a bad text fails before any other work
     reference = locality_reference(model, tokenizer, facts, langs, progress=progress)
     if isinstance(config, FTLConfig):
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
     else:
-        report = lafn_edit(model, tokenizer, facts, config, langs, progress=progress)
+        report = lafn_edit(model, tokenizer, facts, config, langs, progress=progress,
+                           preserve=preserve)
     report["metrics"] = edit_metrics(model, tokenizer, facts, langs, progress=progress,
                                      reference=reference)
     return report
