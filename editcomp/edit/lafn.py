@@ -71,8 +71,10 @@ class LAFNConfig:
     preserve_weight: float = 20.0  # weight of NeuronDeltas.preservation, the edited columns'
     #                                output change on generic text; applies when lafn_edit gets
     #                                that text's activation moments (``preserve``; CLI
-    #                                --preserve-text). gemma3-270m, batch of 8 de cases: ppl
-    #                                +11.4% without, +4.6% at 20, +2.2% at 100 (generality 0.85)
+    #                                --preserve-text). gemma3-270m, one batch of 16 de cases:
+    #                                ppl +22.5% without, +6.8% at 20, +3.2% at 100 (locality
+    #                                0.50 / 0.69 / 0.81; generality 1.0 / 0.99 / 0.87). Single
+    #                                edits lose reliability with it (de 1.0 -> 0.90 at 20)
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
 
