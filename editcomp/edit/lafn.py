@@ -158,7 +158,7 @@ class NeuronDeltas:
         stream on generic text (``C``: the edited columns' activation second moments there),
         relative to those columns' own output there. Cross terms count: co-firing neurons'
         changes may cancel on text while they add up on the fact's prompts."""
-        if not self.moments:
+        if not self.moments:  # no generic text given: no term
             return torch.zeros(())
         num = sum(((c @ self.delta(layer)) * self.delta(layer)).sum()
                   for layer, c in self.moments.items())
@@ -217,15 +217,11 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
                           preserve if config.preserve_weight > 0 else None)
 
-    def penalty():
-        pen = config.norm_weight * deltas.relative_norm()
-        if deltas.moments:
-            pen = pen + config.preserve_weight * deltas.preservation()
-        return pen
-
     with frozen(model), deltas:
         train = optimize(runner, batches, deltas.params(), start, config.steps, config.lr,
-                         kl_weight=config.kl_weight, penalty=penalty,
+                         kl_weight=config.kl_weight,
+                         penalty=lambda: (config.norm_weight * deltas.relative_norm()
+                                          + config.preserve_weight * deltas.preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn")
     written = deltas.write()
     return {"locate": loc_report, "neurons": {str(k): len(v) for k, v in neurons.items()},
