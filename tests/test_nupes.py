@@ -110,6 +110,38 @@ def test_data_free_search_finds_the_optimum_on_laplace_weights():
     torch.testing.assert_close(real, err, rtol=1e-3, atol=0)
 
 
+def test_nearest_rounding_takes_the_closest_level_and_power_rounding_rounds_magnitudes_up():
+    W = _laplace(rows=16, cols=256)
+    for group in (None, 64):
+        cfg = NUPESConfig(bits=3, group_size=group)
+        spec, rc = cfg.spec, cfg.range_code
+        s = range_ref(W, spec, True) / rc
+        A = torch.linspace(0.5, 1.0, 16)[:, None]
+        hat = {}
+        for nearest in (True, False):
+            codes = nupes_quantize(W, s, A, spec, rc, nearest=nearest)
+            hat[nearest] = nupes_dequantize(codes, s, A, spec, rc)
+        # brute force: the closest of the 2^b levels of each weight's own grid
+        levels = torch.stack([nupes_dequantize(torch.full(W.shape, q, dtype=torch.int8), s, A,
+                                               spec, rc) for q in range(spec.qmin, spec.qmax + 1)])
+        closest = levels.gather(0, (levels - W).abs().argmin(0, keepdim=True))[0]
+        torch.testing.assert_close(hat[True], closest, rtol=0, atol=1e-7)
+        assert ((hat[True] - W).abs() <= (hat[False] - W).abs() + 1e-7).all()
+        # the power-space decision points sit below the midpoints: more magnitudes round up
+        drift = {k: float((v.abs() - W.abs()).mean() / W.abs().mean()) for k, v in hat.items()}
+        assert drift[False] > drift[True] + 0.02
+        assert torch.equal(hat[True][15], hat[False][15])  # a = 1: one rounding rule (RTN)
+        # the search's error model follows the rounding rule it is told
+        for rounding in ("nearest", "power"):
+            c = NUPESConfig(bits=3, group_size=group, rounding=rounding)
+            a, sc, err = search_exponent(W, c)
+            real = (nupes_dequantize(nupes_quantize(W, sc, a, spec, rc, rounding == "nearest"),
+                                     sc, a, spec, rc) - W).square().sum(1)
+            torch.testing.assert_close(real, err, rtol=1e-3, atol=0)
+    with pytest.raises(ConfigError, match="rounding"):
+        NUPESConfig(rounding="stochastic")
+
+
 def test_per_layer_exponent_is_one_value_and_not_better_than_per_channel():
     W = _laplace(rows=32, cols=256) * torch.linspace(0.5, 2, 32)[:, None]
     per_ch = search_exponent(W, NUPESConfig(bits=3))
@@ -162,7 +194,8 @@ def test_learned_codes_exponent_and_scales_lower_the_output_error():
     cfg = NUPESConfig(bits=3, steps=150, error_feedback=False, hessian_rank=32)
     _, codes, _, a, info = nupes_quantize_weight(W, cfg, H)
     a0 = search_exponent(W, cfg)[0]
-    assert info["err_learned"] < 0.85 * info["err_data_free"]  # learning alone, from data-free
+    # learning alone, from data-free (nearest-level codes: 3.54 -> 3.02 at the time of writing)
+    assert info["err_learned"] < 0.9 * info["err_data_free"]
     assert info["err"] == info["err_learned"]
     assert not torch.equal(a, a0)  # the exponents moved
     q0 = nupes_quantize(W, search_exponent(W, cfg)[1], a0, cfg.spec, cfg.range_code)

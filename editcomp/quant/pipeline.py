@@ -129,6 +129,33 @@ class QuantizeConfig:
                 or (stage == "nupes" and not self.nupes.data_free))
 
 
+def transform(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
+              progress: bool = True) -> dict:
+    """The fp32-exact transform stage of ``config.method`` alone (OSTQuant's learned rotations
+    and scales, QuaRot's Hadamards; nothing for the other methods), fused into ``model``'s
+    weights; returns its report (QSUR before/after when ``config.qsur``). ``quantize`` runs it
+    before the weight stage; alone, it lets one transform serve several weight quantizers."""
+    bits = config.bits_spec()
+    report: dict = {}
+    if config.method not in TRANSFORMS:
+        return report
+    # QSUR needs more tokens than the widest input (a covariance of rank < d has no volume)
+    qsur_windows = calib[: -(-QSUR_TOKENS // calib.shape[1])] if calib is not None else None
+    if config.qsur:
+        report["qsur_before"] = layer_qsur(model, qsur_windows)
+    if config.method == "ostquant":
+        report.update(ostquant_transform(model, bits, config.ostquant, calib, progress=progress))
+    if config.method == "quarot":
+        blocker = get_adapter(model).residual_rotation_blocker
+        quarot(model, seed=config.seed, residual=blocker is None)
+        report["residual_rotation"] = blocker is None
+        if blocker:
+            report["note"] = f"no residual rotation: {blocker}"
+    if config.qsur:
+        report["qsur_after"] = layer_qsur(model, qsur_windows)
+    return report
+
+
 def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
              progress: bool = True) -> dict:
     """Quantize ``model`` in place as ``config`` says; return a report of what was done.
@@ -145,20 +172,7 @@ def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
     device = next(model.parameters()).device
     report = {"config": asdict(config), "bits": str(bits)}
     t0 = time.time()
-    # QSUR needs more tokens than the widest input (a covariance of rank < d has no volume)
-    qsur_windows = calib[: -(-QSUR_TOKENS // calib.shape[1])] if calib is not None else None
-    if config.qsur and config.method in TRANSFORMS:
-        report["qsur_before"] = layer_qsur(model, qsur_windows)
-    if config.method == "ostquant":
-        report.update(ostquant_transform(model, bits, config.ostquant, calib, progress=progress))
-    if config.method == "quarot":
-        blocker = get_adapter(model).residual_rotation_blocker
-        quarot(model, seed=config.seed, residual=blocker is None)
-        report["residual_rotation"] = blocker is None
-        if blocker:
-            report["note"] = f"no residual rotation: {blocker}"
-    if config.qsur and config.method in TRANSFORMS:
-        report["qsur_after"] = layer_qsur(model, qsur_windows)
+    report.update(transform(model, config, calib, progress=progress))
     stage, kind = config.weight_stage, "uniform"
     if stage in FOUR_BIT:
         codes = nf4_weights(model, NF4Config(stage, bits.weight.group_size), progress=progress)
