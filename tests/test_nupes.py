@@ -342,6 +342,27 @@ def test_quarot_then_nupes_weights_keeps_the_online_hadamard(tmp_path, tok):
     assert torch.equal(before, after)
 
 
+def test_transform_stage_alone_then_weights_equals_the_whole_pipeline():
+    """pipeline.transform lets one transform serve several weight quantizers (the benchmark's
+    shared OSTQuant rows): transform, then the weight stage alone, gives the same model."""
+    from editcomp.quant.pipeline import transform
+    ids = _calib(1, 32, seed=3)
+    cfg = QuantizeConfig(bits="w4a16", method="quarot", weights="nupes", qsur=False,
+                         nupes=NUPESConfig(data_free=True))
+    whole, staged = tiny_model("llama"), tiny_model("llama")
+    pipeline_quantize(whole, cfg, _calib(), progress=False)
+    with torch.no_grad():
+        fp = staged(input_ids=ids).logits
+        transform(staged, cfg, _calib(), progress=False)
+        torch.testing.assert_close(staged(input_ids=ids).logits, fp, rtol=1e-4, atol=1e-4)
+    assert not quant_linears(staged)  # the transform alone quantizes nothing
+    pipeline_quantize(staged, QuantizeConfig(bits="w4a16", method="nupes", qsur=False,
+                                             nupes=NUPESConfig(data_free=True)), progress=False)
+    want, got = whole.state_dict(), staged.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_rtn_baseline_is_reproduced_by_nupes_with_exponent_one():
     W = _laplace(rows=16, cols=64)
     cfg = NUPESConfig(bits=4, signed_scale=False)
