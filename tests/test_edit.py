@@ -325,7 +325,9 @@ def _target_nll(model, tok, items):
     return sum(out) / len(out)
 
 
-def test_lafn_edit_takes_and_only_located_columns_change(tok, fact):
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_lafn_edit_takes_and_only_located_columns_change(tok, fact, autocast):
+    """In fp32 and with bf16 matmuls in the update steps (LAFNConfig.autocast): the same claims."""
     model, items, kl, last = planted(tok, fact)
     before = copy.deepcopy(model.state_dict())
     nll0 = _target_nll(model, tok, items)
@@ -333,8 +335,9 @@ def test_lafn_edit_takes_and_only_located_columns_change(tok, fact):
     # a random tiny model's activations are small, so its deltas must be large: no norm penalty here
     cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, share=0.9, generic_share=None),
                      steps=80, lr=2.0,
-                     norm_weight=0.0, kl_weight=2.0)
+                     norm_weight=0.0, kl_weight=2.0, autocast=autocast)
     report = lafn_edit(model, tok, fact, cfg, LANGS, progress=False)
+    assert report["train_matmuls"] == ("float32" if autocast == "off" else "bfloat16")
     m1 = edit_metrics(model, tok, fact, LANGS, progress=False)
     assert _target_nll(model, tok, items) < 0.5 * nll0
     for lang in LANGS:
@@ -392,3 +395,15 @@ def test_a_target_that_tokenizes_to_nothing_names_file_line_and_field(tok, tmp_p
     facts = load_facts(path)
     with pytest.raises(DataError, match=r"f\.jsonl:1: field 'langs\.en\.target': target '§' tokenizes to no"):
         training_items(facts, stripping)
+
+
+def test_autocast_modes_resolve_and_a_bad_one_is_a_config_error():
+    from editcomp.device import autocast_dtype, native_bf16
+    from editcomp.errors import ConfigError
+    assert autocast_dtype("cpu", "off") is None
+    assert autocast_dtype("cpu", "bf16") == torch.bfloat16
+    assert autocast_dtype("cpu", "auto") == (torch.bfloat16 if native_bf16("cpu") else None)
+    with pytest.raises(ConfigError, match="autocast must be one of auto, bf16, off"):
+        LAFNConfig(autocast="fp8").validate()
+    with pytest.raises(ConfigError, match="unknown autocast mode"):
+        autocast_dtype("cpu", "fp8")
