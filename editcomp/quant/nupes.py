@@ -107,8 +107,9 @@ class NUPESConfig:
     #: "nearest": each weight takes the closest of the 2^b levels; "power": round in the power
     #: space as the paper's formula does, whose decision points sit below the midpoints between
     #: levels when a < 1, so it rounds more magnitudes up than the nearest level would and its
-    #: weight error is higher. Same levels, same codes storage. smollm2-135m w4a16 g64
-    #: data-free: ppl 22.52 nearest vs 23.71 power (NF4 22.34; 20 x 2048 test windows).
+    #: weight error is higher. Same levels, same codes storage. smollm2-135m data-free
+    #: (benchmarks/nupes.py, 20 x 2048 test windows): w4a16 g64 ppl 22.68 nearest vs 23.70
+    #: power (NF4 22.34); w3a16 per channel 135 vs 273 (an earlier run).
     rounding: str = "nearest"
     seed: int = 0
     skip: tuple[str, ...] = field(default_factory=tuple)
