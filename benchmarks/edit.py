@@ -48,11 +48,13 @@ def restore(model, saved):
 #: ablation: LAFN with the KL term on 4 unrelated questions per language and not on their answers
 #: (the defaults before the KL term covered the unedited model's own continuations)
 #: lafn-kl4: the KL term on a rotating quarter of the unrelated prompts per step (faster steps);
-#: lafn-full-nll: the target NLL over the full vocabulary instead of the top-512 candidates
+#: lafn-full-nll: the target NLL over the full vocabulary instead of the top-512 candidates;
+#: lafn-fp32: the update steps in fp32 (the default runs their matmuls in bf16 where native)
 ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
              "lafn-kl4": dict(kl_groups=4),
              "lafn-full-nll": dict(nll_vocab=None),
-             "lafn-nokl": dict(kl_weight=0.0)}
+             "lafn-nokl": dict(kl_weight=0.0),
+             "lafn-fp32": dict(autocast="off")}
 #: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
 
 

@@ -457,7 +457,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
               show_default=True,
               help="lafn: run the update steps' matmuls in bf16 (auto: where the device does bf16 "
-                   "natively: CUDA, or a CPU with AVX512-BF16/AMX; ~1.6x faster there). The "
+                   "natively: CUDA, or a CPU with AVX512-BF16/AMX; ~1.3x faster there). The "
                    "deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")

@@ -78,8 +78,9 @@ class LAFNConfig:
     #                                edits lose reliability with it (de 1.0 -> 0.90 at 20)
     autocast: str = "auto"        # the update steps' matmuls in bf16 where the device does
     #                               them natively (device.train_autocast; "bf16", "off"):
-    #                               gemma3-270m single edits ~1.6x faster on an AVX512-BF16 CPU,
-    #                               the same steps and metrics on 3 de cases
+    #                               gemma3-270m, 8 single de edits on this AVX512-BF16 CPU:
+    #                               21.1 -> 16.2 s per edit, the same metrics but en generality
+    #                               1.0 -> 0.975 (benchmarks/edit.py, lafn vs lafn-fp32)
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
 
