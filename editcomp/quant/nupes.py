@@ -15,9 +15,10 @@ levels are (and as llama.cpp's Q4_0 does for a uniform grid). Symmetric (``signe
 ``R = qmax`` with a positive scale; code ``qmin`` lies outside the range and is reached only by
 clipping, so 4 bits give 15 levels, and ``a = 1`` *is* ``ops``' symmetric RTN bit for bit.
 Measured on smollm2-135m, 4 bits, group 64: unclipped uniform grids give ppl 24.9 symmetric vs
-21.6 signed (NF4 20.6; 2 test windows); the data-free search gives 23.71 signed and unclipped vs
-24.16 symmetric with its best clip (NF4 22.34; 20 windows, ``benchmarks/nupes.py``). The ``2^b`` normalized levels of a channel form a
-lookup table (``power_lut``): dequantization is a gather times the scale
+21.6 signed (NF4 20.6; 2 test windows); with the paper's rounding the data-free search gives
+23.71 signed and unclipped vs 24.16 symmetric with its best clip, and 22.68 with nearest-level
+rounding (NF4 22.34; 20 windows, ``benchmarks/nupes.py``). The ``2^b`` normalized levels of a
+channel form a lookup table (``power_lut``): dequantization is a gather times the scale
 (``nupes_linear.NUPESLinear``).
 
 Two modes (``NUPESConfig.data_free``):
@@ -91,8 +92,9 @@ class NUPESConfig:
     #: error but clipped salient large weights: smollm2-135m w3a16 ppl 2205 vs 200 with this one
     clip_grid: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
     #: groups are not clipped: with signed scales the group's extreme is a level already, and
-    #: smollm2-135m w4a16 g64 (20 x 2048 test windows) gave ppl 23.71 unclipped vs 24.80 with
-    #: (1.0 ... 0.75); symmetric scales need the clip to reach code qmin (24.16 vs 25.52)
+    #: smollm2-135m w4a16 g64 (20 x 2048 test windows, the paper's rounding) gave ppl 23.71
+    #: unclipped vs 24.80 with (1.0 ... 0.75); symmetric scales need the clip to reach code qmin
+    #: (24.16 vs 25.52)
     group_clip_grid: tuple[float, ...] = (1.0,)
     error_feedback: bool = True
     act_order: bool = True
