@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import sys
@@ -34,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from editcomp import checkpoint  # noqa: E402
 from editcomp.data import calibration_windows, token_windows  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
-from editcomp.quant.nupes import NUPESConfig, exponent_histogram  # noqa: E402
+from editcomp.quant.nupes import NUPESConfig  # noqa: E402
+from editcomp.quant.nupes_model import exponent_histogram  # noqa: E402
 from editcomp.quant.pipeline import QuantizeConfig, quantize, transform  # noqa: E402
 from editcomp.quant.runtime import quant_linears  # noqa: E402
 
@@ -247,8 +249,7 @@ def _on_shared_transform(base_model, cfg: QuantizeConfig, calib, cache: dict):
         cache[key] = (fp_t, time.time() - t)
     fp_t, t_sec = cache[key]
     model = copy.deepcopy(fp_t)
-    stage = QuantizeConfig(bits=cfg.bits, method=cfg.weight_stage, group_size=cfg.group_size,
-                           nupes=cfg.nupes, damp=cfg.damp, mse_clip=cfg.mse_clip)
+    stage = dataclasses.replace(cfg, method=cfg.weight_stage, weights=None)
     if stage.bits_spec().act is not None:
         raise ValueError("shared transforms are for weight-only rows")
     rep = quantize(model, stage, calib, progress=False)

@@ -10,8 +10,9 @@ from editcomp import checkpoint
 from editcomp.errors import ConfigError, DataError
 from editcomp.quant.gptq import HessianAccumulator, gptq_quantize_weight, rtn_quantize_weight
 from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, nupes_quantize,
-                                  nupes_quantize_weight, nupes_weights, output_error, power_lut,
+                                  nupes_quantize_weight, output_error, power_lut,
                                   lut_dequantize, range_ref, search_exponent)
+from editcomp.quant.nupes_model import nupes_weights
 from editcomp.quant.nupes_linear import NUPESLinear
 from editcomp.quant.ops import compute_qparams, dequantize, quantize
 from editcomp.quant.checkpoint_io import save_quantized

@@ -321,6 +321,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         for k, v in r["locate"]["language_overlap_jaccard"].items():
             jacc.setdefault(k, []).append(v)
     counts = [row["neurons"] for row in per_fact]
+    param = next(model.parameters())
     report = {
         "method": "lafn",
         "config": config.to_dict(),
@@ -329,8 +330,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",
         "kl_prompts": kl_texts,
-        "train_matmuls": str(autocast_dtype(next(model.parameters()).device, config.autocast)
-                             or next(model.parameters()).dtype).replace("torch.", ""),
+        "train_matmuls": str(autocast_dtype(param.device, config.autocast)
+                             or param.dtype).replace("torch.", ""),
         "neurons": {
             "total": sum(counts),
             "edited_columns": sum(sum(int(n) for n in r["neurons"].values()) for r in runs),

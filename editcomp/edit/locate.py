@@ -62,36 +62,50 @@ class LocateConfig:
             raise ConfigError(f"min_layer must be in [0, 1), got {self.min_layer}")
 
 
+def _down_inputs(runner: ModelRunner, seqs: list[list[int]], layers: list[int], take,
+                 batch_size: int, desc: str, progress: bool) -> None:
+    """Run ``seqs`` through the decoder in right-padded batches; for each batch and each of
+    ``layers``, ``take(layer, x, start, mask)`` gets that layer's down_proj input ``x``
+    ``[b, T, I]`` (the batch holds ``seqs[start:start + b]``; ``mask`` marks real tokens)."""
+    parts = {lp.index: lp for lp in runner.adapter.layers()}
+    box: dict = {}
+
+    def make_hook(li):
+        def hook(mod, args):
+            take(li, args[0].detach(), box["start"], box["mask"])
+        return hook
+
+    handles = [parts[li].down.register_forward_pre_hook(make_hook(li)) for li in layers]
+    try:
+        with torch.no_grad():
+            for s in tqdm(range(0, len(seqs), batch_size), desc=desc, unit="batch",
+                          disable=not progress, leave=False):
+                ids, mask = right_pad(seqs[s:s + batch_size], runner.pad, runner.device)
+                box["start"], box["mask"] = s, mask
+                runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[list[int]],
                    batch_size: int = 16, progress: bool = False, signed: bool = False) -> torch.Tensor:
     """|activation| (the activation with ``signed``) of every FFN neuron at the given positions of
     each sequence -> ``[layers, sum(len(p) for p in positions), intermediate]`` (sequence order,
     then position)."""
-    layers = runner.adapter.layers()
+    layers = [lp.index for lp in runner.adapter.layers()]
     out = [[] for _ in layers]
-    box: dict = {}
+    where = {}  # batch start -> (rows, cols) of its positions
+    for s in range(0, len(seqs), batch_size):
+        pos = positions[s:s + batch_size]
+        where[s] = (torch.tensor([i for i, p in enumerate(pos) for _ in p], device=runner.device),
+                    torch.tensor([c for p in pos for c in p], device=runner.device))
 
-    def make_hook(li):
-        def hook(mod, args):
-            a = args[0][box["rows"], box["cols"]].detach().float()
-            out[li].append((a if signed else a.abs()).cpu())
-        return hook
+    def take(li, x, s, mask):
+        a = x[where[s]].float()
+        out[li].append((a if signed else a.abs()).cpu())
 
-    handles = [lp.down.register_forward_pre_hook(make_hook(lp.index)) for lp in layers]
-    try:
-        with torch.no_grad():
-            for s in tqdm(range(0, len(seqs), batch_size), desc="locate", unit="batch",
-                          disable=not progress, leave=False):
-                chunk = seqs[s:s + batch_size]
-                ids, mask = right_pad(chunk, runner.pad, runner.device)
-                rows = [i for i, pos in enumerate(positions[s:s + batch_size]) for _ in pos]
-                cols = [c for pos in positions[s:s + batch_size] for c in pos]
-                box["rows"] = torch.tensor(rows, device=runner.device)
-                box["cols"] = torch.tensor(cols, device=runner.device)
-                runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _down_inputs(runner, seqs, layers, take, batch_size, "locate", progress)
     return torch.stack([torch.cat(o) for o in out])
 
 
@@ -103,29 +117,14 @@ def activation_moments(runner: ModelRunner, seqs: list[list[int]], layers: list[
     ``tr(D^T C[idx, idx] D)`` is then the mean squared change of the residual stream that deltas
     ``D`` on the columns ``idx`` cause on that text, without running the model: LAFN's
     preservation term (MEMIT's, restricted to the located columns)."""
-    parts = {lp.index: lp for lp in runner.adapter.layers()}
     sums: dict[int, torch.Tensor] = {}
-    box: dict = {}
 
-    def make_hook(li):
-        def hook(mod, args):
-            a = args[0][box["keep"]].detach().float()
-            sums[li] = sums.get(li, 0) + a.T @ a
-        return hook
+    def take(li, x, s, mask):
+        a = x[mask.bool()].float()
+        sums[li] = sums.get(li, 0) + a.T @ a
 
-    handles = [parts[li].down.register_forward_pre_hook(make_hook(li)) for li in layers]
-    n = 0
-    try:
-        with torch.no_grad():
-            for s in tqdm(range(0, len(seqs), batch_size), desc="text moments", unit="batch",
-                          disable=not progress, leave=False):
-                ids, mask = right_pad(seqs[s:s + batch_size], runner.pad, runner.device)
-                box["keep"] = mask.bool()
-                n += int(mask.sum())
-                runner.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _down_inputs(runner, seqs, layers, take, batch_size, "text moments", progress)
+    n = sum(len(q) for q in seqs)
     return {li: (c / max(1, n)).cpu() for li, c in sums.items()}
 
 

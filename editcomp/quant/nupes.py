@@ -52,9 +52,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from editcomp.errors import ConfigError, DataError, NumericalError
+from editcomp.errors import ConfigError, NumericalError
 from editcomp.quant.gptq import error_feedback, prepare_hessian, zero_dead_inputs
 from editcomp.quant.ops import _rows
 from editcomp.quant.spec import QuantSpec
@@ -181,21 +180,29 @@ def power_levels(codes: torch.Tensor, a: torch.Tensor, rc: int,
     return torch.where(_is_one(a), c, v) if exact_one else v
 
 
+def level_midpoints(a: torch.Tensor, rc: int, qmin: int, qmax: int) -> torch.Tensor:
+    """The nearest-level decision points: halfway between consecutive levels of codes
+    ``qmin .. qmax``, ``[..., 2^b - 1]`` for exponents ``a`` ``[..., 1]``."""
+    L = power_levels(torch.arange(qmin, qmax + 1, dtype=torch.float32, device=a.device),
+                     a.float(), rc)
+    return (L[..., 1:] + L[..., :-1]) / 2
+
+
 def round_codes(u: torch.Tensor, a: torch.Tensor, rc: int, qmin: int, qmax: int,
-                nearest: bool = True) -> torch.Tensor:
+                nearest: bool = True, mids: torch.Tensor | None = None) -> torch.Tensor:
     """Codes (float) of ``u`` (weights in uniform units, rows ``[..., n]``) for exponents ``a``
     (broadcastable, last dim 1): the nearest of the levels ``qmin .. qmax``, or with
     ``nearest=False`` the paper's ``round(sign(u) R (|u|/R)^a)``. Where ``a == 1`` both are
-    ``round(u)`` (ties to even, as ``ops``' RTN rounds)."""
+    ``round(u)`` (ties to even, as ``ops``' RTN rounds). ``mids``: ``level_midpoints(a, ...)``
+    when the caller rounds many slices with the same exponents."""
     a = torch.as_tensor(a, dtype=u.dtype, device=u.device)
-    q = torch.clamp(torch.round(to_power(u, a, rc)), qmin, qmax)
     if not nearest:
-        return q
-    L = power_levels(torch.arange(qmin, qmax + 1, dtype=u.dtype, device=u.device), a, rc)
-    mids = (L[..., 1:] + L[..., :-1]) / 2
+        return torch.clamp(torch.round(to_power(u, a, rc)), qmin, qmax)
+    if mids is None:
+        mids = level_midpoints(a, rc, qmin, qmax)
     mids = mids.expand(*u.shape[:-1], mids.shape[-1]).contiguous()
     near = (qmin + torch.searchsorted(mids, u.contiguous())).to(u.dtype)
-    return torch.where(_is_one(a), q, near)
+    return torch.where(_is_one(a), torch.clamp(torch.round(u), qmin, qmax), near)
 
 
 def power_lut(a: torch.Tensor, bits: int, rc: int) -> torch.Tensor:
@@ -413,11 +420,12 @@ def error_feedback_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, 
     if perm is not None:
         S = S[:, perm]
     A = a.float().expand(out, 1)
+    mids = level_midpoints(A, rc, spec.qmin, spec.qmax) if nearest else None  # once, not per column
     codes = torch.zeros(out, cols, dtype=torch.int8, device=W.device)
 
     def quantize_column(c: int, block: torch.Tensor, i: int) -> torch.Tensor:
         s = S[:, c:c + 1]
-        q = round_codes(block[:, i:i + 1] / s, A, rc, spec.qmin, spec.qmax, nearest)
+        q = round_codes(block[:, i:i + 1] / s, A, rc, spec.qmin, spec.qmax, nearest, mids)
         codes[:, c:c + 1] = q.to(torch.int8)
         return power_levels(q, A, rc) * s
 
@@ -530,84 +538,3 @@ def nupes_quantize_weight(W: torch.Tensor, config: NUPESConfig, H: torch.Tensor 
                 codes, scale, a, best = c3, s3, a3, e3
         info["err"] = best
     return nupes_dequantize(codes, scale, a, spec, rc), codes, scale, a, info
-
-
-# ---- whole models ---------------------------------------------------------------------------
-
-Codes = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def _write(linear, W_hat):
-    with torch.no_grad():
-        linear.weight.copy_(W_hat.to(linear.weight.dtype))
-
-
-def check_calibration(calib: torch.Tensor | None, config: NUPESConfig) -> None:
-    """Data-driven NUPES needs ``min_calib_tokens`` calibration tokens (one-line error)."""
-    if config.data_free:
-        return
-    if calib is None:
-        raise DataError("NUPES data-driven mode needs calibration windows (or use --data-free)")
-    n = int(calib.numel())
-    if n < config.min_calib_tokens:
-        raise DataError(f"calibration data too short for NUPES: {n} tokens "
-                        f"({tuple(calib.shape)[0]} windows x {tuple(calib.shape)[-1]}), need at "
-                        f"least {config.min_calib_tokens}")
-
-
-def nupes_weights(model, config: NUPESConfig, calib: torch.Tensor | None = None,
-                  batch_size: int = 1, progress: bool = True) -> tuple[Codes, dict]:
-    """NUPES for every decoder linear; writes ``W_hat`` into the model and returns
-    ``(codes {module name: (codes, scale, exponent, range code)}, report)``.
-
-    The report holds each linear's exponents (for the histogram of ``a``) and, data-driven, the
-    output errors of each stage.
-    """
-    from editcomp.arch import get_adapter
-    from editcomp.quant.layerwise import inner_linear, layer_hessians, module_names, sequential
-
-    check_calibration(calib, config)
-    names = module_names(model)
-    codes: Codes = {}
-    report: dict = {"exponents": {}, "errors": {}}
-
-    def do(name, lin, H):
-        W_hat, q, s, a, info = nupes_quantize_weight(lin.weight, config, H, name=name)
-        _write(lin, W_hat)
-        codes[name] = (q, s, a, config.range_code)
-        report["exponents"][name] = a.flatten().tolist()
-        if info:
-            report["errors"][name] = info
-
-    if config.data_free:
-        layers = get_adapter(model).layers()
-        for parts in tqdm(layers, desc="nupes", unit="layer", disable=not progress):
-            for role, slot in parts.linears().items():
-                name = names[id(slot)]
-                if role in config.skip or name in config.skip:
-                    continue
-                do(name, inner_linear(slot), None)
-        return codes, report
-
-    device = next(model.parameters()).device
-
-    def per_layer(parts, run):
-        slots = {r: m for r, m in parts.linears().items()
-                 if r not in config.skip and names[id(m)] not in config.skip}
-        hess = layer_hessians(slots, names, run)
-        for r, m in slots.items():
-            do(names[id(m)], inner_linear(m), hess[r])
-
-    torch.manual_seed(config.seed)
-    sequential(model, calib.to(device), per_layer, batch_size=batch_size, desc="nupes",
-               progress=progress)
-    return codes, report
-
-
-def exponent_histogram(exponents: dict[str, list[float]], bins: int = 10,
-                       lo: float = 0.0, hi: float = 1.0) -> list[tuple[float, float, int]]:
-    """``[(left, right, count)]`` over all exponents found (per channel or per layer)."""
-    vals = torch.tensor([v for vs in exponents.values() for v in vs], dtype=torch.float64)
-    counts = torch.histc(vals, bins=bins, min=lo, max=hi) if vals.numel() else torch.zeros(bins)
-    edges = torch.linspace(lo, hi, bins + 1)
-    return [(float(edges[i]), float(edges[i + 1]), int(counts[i])) for i in range(bins)]

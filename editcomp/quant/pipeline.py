@@ -14,7 +14,8 @@ import torch
 from editcomp.arch import get_adapter
 from editcomp.errors import ConfigError
 from editcomp.quant.nf4 import NF4Config, nf4_weights
-from editcomp.quant.nupes import NUPESConfig, check_calibration, exponent_histogram, nupes_weights
+from editcomp.quant.nupes import NUPESConfig
+from editcomp.quant.nupes_model import check_calibration, exponent_histogram, nupes_weights
 from editcomp.quant.ostquant import OSTQuantConfig, ostquant_transform
 from editcomp.quant.qsur import layer_qsur
 from editcomp.quant.runtime import quantize_model
