@@ -49,12 +49,18 @@ def restore(model, saved):
 #: (the defaults before the KL term covered the unedited model's own continuations)
 #: lafn-kl4: the KL term on a rotating quarter of the unrelated prompts per step (faster steps);
 #: lafn-full-nll: the target NLL over the full vocabulary instead of the top-512 candidates;
-#: lafn-fp32: the update steps in fp32 (the default runs their matmuls in bf16 where native)
+#: lafn-fp32: the update steps in fp32 (the default runs their matmuls in bf16 where native);
+#: lafn-kl8: 8 unrelated prompts per language (the default before session 9: 4);
+#: lafn-noanswers: the unrelated questions without their short answers;
+#: lafn-neighbors: also 2 subject-swapped copies of each fact's prompt per language in the KL
 ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
              "lafn-kl4": dict(kl_groups=4),
              "lafn-full-nll": dict(nll_vocab=None),
              "lafn-nokl": dict(kl_weight=0.0),
-             "lafn-fp32": dict(autocast="off")}
+             "lafn-fp32": dict(autocast="off"),
+             "lafn-kl8": dict(kl_per_lang=8),
+             "lafn-noanswers": dict(kl_answers=False),
+             "lafn-neighbors": dict(neighbors=2)}
 #: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
 
 
@@ -75,6 +81,15 @@ def edit(method, model, tok, facts, langs, args, unrelated=None):
         return lafn_edit(model, tok, facts, lafn_config(method, args), langs, progress=False,
                          unrelated=unrelated, preserve=preserve)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
+
+
+def case_record(fact, report, seconds, result, langs) -> dict:
+    """One single/cross edit: its time, optimizer steps, neurons, and accuracies per language
+    (so a table's mean can be traced to the cases behind it)."""
+    return {"case_id": fact.case_id, "seconds": round(seconds, 2),
+            "steps": report.get("losses", {}).get("steps"),
+            "neurons": report.get("neurons", {}).get("total"),
+            "by_lang": {lg: {m: result[lg][m]["acc"] for m in METRICS} for lg in langs}}
 
 
 class Tally:
@@ -114,7 +129,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
         for method in args.methods:
             if protocol == "cross" and method == "ft-l" and not args.cross_ftl:
                 continue
-            tally, secs, neurons = Tally(), [], []
+            tally, secs, neurons, cases = Tally(), [], [], []
             t_all = time.time()
             setup = 0.0
             if protocol in ("single", "cross"):
@@ -130,7 +145,9 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     secs.append(time.time() - t0)
                     if method != "ft-l":
                         neurons.append(rep["neurons"]["total"])
-                    tally.add(edit_metrics(model, tok, [f], langs, progress=False, reference=ref), langs)
+                    res = edit_metrics(model, tok, [f], langs, progress=False, reference=ref)
+                    tally.add(res, langs)
+                    cases.append(case_record(f, rep, secs[-1], res, langs))
                     restore(model, saved)
                 ppl_after = None
             else:
@@ -151,7 +168,9 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                              "setup_seconds": setup,
                              "neurons_per_edit": sum(neurons) / len(neurons) if neurons else None,
                              "ppl_before": ppl_before if protocol == "batch" else None,
-                             "ppl_after": ppl_after})
+                             "ppl_after": ppl_after,
+                             "per_case": [{**{k: v for k, v in c.items() if k != "by_lang"},
+                                           **c["by_lang"][lg]} for c in cases]})
             print(f"[{time.strftime('%H:%M:%S')}] {args.model} en+{lang} {protocol} {method}: "
                   f"{time.time() - t_all:.0f} s  " + json.dumps({lg: {m: round(res[lg][m]['acc'], 3)
                                                                      for m in METRICS if res[lg][m]['n']}

@@ -1,6 +1,8 @@
 """LAFN and FT-L on tiny models: locating finds a planted neuron, edits take, and nothing else moves."""
 
 import copy
+import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,12 +10,13 @@ import torch
 from editcomp.arch import get_adapter
 from editcomp.data import load_facts
 from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
-from editcomp.edit.prompts import kl_prompts_for, template_paraphrases, training_items
+from editcomp.edit.prompts import (NEIGHBOR_SUBJECTS, kl_answer, kl_prompts_for, neighbor_prompts,
+                                   template_paraphrases, training_items)
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
 from editcomp.edit.runner import ModelRunner, TrainBatch, gather_positions, right_pad
 from editcomp.errors import DataError
-from editcomp.eval.edit_metrics import edit_metrics
+from editcomp.eval.edit_metrics import edit_metrics, greedy_continuations
 from editcomp.tiny import tiny_model as _tiny_model
 
 from conftest import EXAMPLE_FACTS
@@ -116,6 +119,23 @@ def test_training_items_never_use_the_evaluation_probes(tok, fact):
     assert len(items) == sum(1 + len(fact[0].langs[lang].paraphrases) + 2 for lang in LANGS)
 
 
+def test_neighbor_prompts_swap_the_subject_and_never_use_the_probes(fact):
+    near = neighbor_prompts(fact, LANGS, 2)
+    assert len(near) == 4 and near == neighbor_prompts(fact, LANGS, 2)  # deterministic
+    for lang, pair in zip(LANGS, (near[:2], near[2:])):
+        fl = fact[0].langs[lang]
+        probes = set(fl.generality) | {p.prompt for p in fl.locality} | {p.prompt for p in fl.portability}
+        for text in pair:
+            assert fl.subject not in text and text not in probes
+            stand_in = [s for s in NEIGHBOR_SUBJECTS["*"] if s in text]
+            assert len(stand_in) == 1 and text == fl.prompt.replace(fl.subject, stand_in[0])
+    assert pair[0] != pair[1] and neighbor_prompts(fact, LANGS, 0) == []
+    # a prompt that does not contain its subject gives no neighbor in that language
+    fl = fact[0].langs["en"]
+    odd = dataclasses.replace(fact[0], langs={"en": dataclasses.replace(fl, subject="Big Ben")})
+    assert neighbor_prompts([odd], ["en"], 2) == []
+
+
 def test_locating_finds_the_planted_neuron(tok, fact):
     model, items, kl, last = planted(tok, fact)
     cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1)
@@ -203,16 +223,65 @@ def kl_div(ref, new):
 
 
 def test_the_kl_term_keeps_unrelated_prompts(tok, fact):
+    """Measured where the unrelated prompts end, so without their answers (``kl_answers``), which
+    would move part of the term to the answer positions."""
     model, items, kl, last = planted(tok, fact)
     ref = last_logprobs(model, tok, kl)
     moved = []
     for weight in (0.0, 10.0):
         m = copy.deepcopy(model)
         cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=30, lr=2.0, norm_weight=0.0,
-                         kl_weight=weight)
+                         kl_weight=weight, kl_answers=False)
         lafn_edit(m, tok, fact, cfg, LANGS, progress=False)
         moved.append(float(kl_div(ref, last_logprobs(m, tok, kl)).mean()))
     assert moved[1] < 0.6 * moved[0]
+
+
+def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, monkeypatch):
+    """The KL term gets every unrelated prompt and, after them, each neighbor prompt followed by
+    the unedited model's greedy continuation; the report names the neighbors."""
+    import editcomp.edit.lafn as lafn_mod
+    model = confident(tiny_model())
+    seen = []
+    real = lafn_mod.build_batches
+
+    def spy(runner, pairs, kl_prompts, *args, **kwargs):
+        seen.append([list(p) for p in kl_prompts])
+        return real(runner, pairs, kl_prompts, *args, **kwargs)
+
+    monkeypatch.setattr(lafn_mod, "build_batches", spy)
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, generic_share=None,
+                                         form_share=None), steps=1, kl_continuation=3,
+                     neighbors=2)
+    texts = neighbor_prompts(fact, LANGS, 2)
+    want = [tok(t)["input_ids"] + c for t, c in zip(texts, greedy_continuations(
+        model, tok, [tok(t)["input_ids"] for t in texts], 3))]
+    report = lafn_edit(model, tok, fact, cfg, LANGS, progress=False)
+    assert report["neighbor_prompts"] == texts and len(texts) == 4
+    n_unrelated = len(report["kl_prompts"])
+    assert seen[0][n_unrelated:] == want
+    report = lafn_edit(copy.deepcopy(model), tok, fact, replace(cfg, neighbors=0), LANGS,
+                       progress=False)
+    assert report["neighbor_prompts"] == [] and len(seen[1]) == n_unrelated
+
+
+def test_unrelated_questions_carry_their_answer_before_the_continuation(tok):
+    """The KL term's questions get their short answer (teacher-forced, as locality probes are
+    scored) between the question and the model's continuation; statements do not."""
+    from editcomp.edit.lafn import unrelated_prompts
+    from editcomp.eval.edit_metrics import encode_prompt_target
+
+    model = tiny_model()
+    cfg = LAFNConfig(kl_per_lang=2, kl_continuation=2)
+    with_ans, without = (unrelated_prompts(model, tok, ["en"], replace(cfg, kl_answers=a))
+                         for a in (True, False))
+    question, statement = with_ans.texts
+    assert kl_answer(question) == ("en", "Herman Melville") and kl_answer(statement) is None
+    p, ans = encode_prompt_target(tok, question, "Herman Melville", "en")
+    assert with_ans.ends[0] == len(p) - 1 == without.ends[0]
+    assert list(with_ans.ids[0][:len(p) + len(ans)]) == p + ans
+    assert len(with_ans.ids[0]) == len(p) + len(ans) + 2 and len(without.ids[0]) == len(p) + 2
+    assert with_ans.ids[1] == without.ids[1]  # the statement: its own continuation only
 
 
 def test_the_candidate_nll_is_the_softmax_over_the_target_and_the_top_tokens(tok, fact):

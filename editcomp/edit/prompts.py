@@ -13,6 +13,7 @@ intact without a model in the loop, and the lineage names the templates used.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from editcomp.data import Fact
@@ -44,7 +45,7 @@ PARAPHRASE_SOURCE = ("templates: question wrappers (Question/Answer, Q/A, 'The a
                      "fact's language")
 
 # Unrelated prompts for the KL term: generic knowledge, disjoint from every facts file's probes.
-# LAFN takes the first ``kl_per_lang`` (8). All 16 (gemma3-270m, 8 BMIKE-53 de cases): a batch
+# LAFN takes the first ``kl_per_lang`` (4). All 16 (gemma3-270m, 8 BMIKE-53 de cases): a batch
 # edit's en locality 0.64 -> 0.71, but single edits' de locality 0.98 -> 0.89 at 1.5x the time.
 KL_PROMPTS: dict[str, tuple[str, ...]] = {  # questions and statements alternate
     "en": ("Who wrote the novel Moby-Dick?", "The capital of France is",
@@ -87,6 +88,69 @@ KL_PROMPTS: dict[str, tuple[str, ...]] = {  # questions and statements alternate
 }
 
 
+# Short answers to the questions among KL_PROMPTS. The KL term runs at every position of an
+# unrelated prompt; with its answer appended right after the question (as an edit's target follows
+# its prompt, and as locality probes are scored: teacher-forced answer tokens) it also covers the
+# positions inside an answer, not only the model's own continuation, which starts a new line.
+KL_ANSWERS: dict[str, dict[str, str]] = {
+    "en": {"Who wrote the novel Moby-Dick?": "Herman Melville",
+           "What language is spoken in Brazil?": "Portuguese",
+           "How many legs does a spider have?": "Eight",
+           "When did the Second World War end?": "In 1945",
+           "Which ocean is the largest on Earth?": "The Pacific Ocean",
+           "Who painted the Mona Lisa?": "Leonardo da Vinci",
+           "How many days are there in a leap year?": "366",
+           "What gas do plants absorb from the air?": "Carbon dioxide"},
+    "de": {"Wer schrieb den Roman Moby-Dick?": "Herman Melville",
+           "Welche Sprache spricht man in Brasilien?": "Portugiesisch",
+           "Wie viele Beine hat eine Spinne?": "Acht",
+           "Wann endete der Zweite Weltkrieg?": "1945",
+           "Welcher Ozean ist der größte der Erde?": "Der Pazifik",
+           "Wer hat die Mona Lisa gemalt?": "Leonardo da Vinci",
+           "Wie viele Tage hat ein Schaltjahr?": "366",
+           "Welches Gas nehmen Pflanzen aus der Luft auf?": "Kohlendioxid"},
+    "fr": {"Qui a écrit le roman Moby-Dick ?": "Herman Melville",
+           "Quelle langue parle-t-on au Brésil ?": "Le portugais",
+           "Combien de pattes a une araignée ?": "Huit",
+           "Quand la Seconde Guerre mondiale s'est-elle terminée ?": "En 1945",
+           "Quel est le plus grand océan de la Terre ?": "L'océan Pacifique",
+           "Qui a peint la Joconde ?": "Léonard de Vinci",
+           "Combien de jours compte une année bissextile ?": "366",
+           "Quel gaz les plantes absorbent-elles dans l'air ?": "Le dioxyde de carbone"},
+    "es": {"¿Quién escribió la novela Moby-Dick?": "Herman Melville",
+           "¿Qué idioma se habla en Brasil?": "Portugués",
+           "¿Cuántas patas tiene una araña?": "Ocho",
+           "¿Cuándo terminó la Segunda Guerra Mundial?": "En 1945",
+           "¿Cuál es el océano más grande de la Tierra?": "El océano Pacífico",
+           "¿Quién pintó la Mona Lisa?": "Leonardo da Vinci",
+           "¿Cuántos días tiene un año bisiesto?": "366",
+           "¿Qué gas absorben las plantas del aire?": "Dióxido de carbono"},
+    "zh": {"谁写了小说《白鲸》？": "赫尔曼·梅尔维尔", "巴西说什么语言？": "葡萄牙语",
+           "蜘蛛有几条腿？": "八条", "第二次世界大战何时结束？": "1945年",
+           "地球上最大的海洋是哪个？": "太平洋", "谁画了《蒙娜丽莎》？": "列奥纳多·达·芬奇",
+           "闰年有多少天？": "366天", "植物从空气中吸收什么气体？": "二氧化碳"},
+}
+
+
+def kl_answer(text: str) -> tuple[str, str] | None:
+    """``(language, answer)`` of a question among KL_PROMPTS, else None."""
+    for lang, answers in KL_ANSWERS.items():
+        if text in answers:
+            return lang, answers[text]
+    return None
+
+
+# Stand-in subjects for neighbor prompts (``neighbor_prompts``): people, places, companies and works,
+# so that some fit whatever kind of subject a fact has; names without articles, so they drop into
+# any sentence. Latin-script languages share one list.
+NEIGHBOR_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "*": ("Albert Einstein", "Marie Curie", "Ludwig van Beethoven", "Leonardo da Vinci", "Nokia",
+          "Toyota", "Buenos Aires", "Osaka", "Hamlet", "Titanic", "Kilimanjaro", "Wikipedia"),
+    "zh": ("爱因斯坦", "居里夫人", "贝多芬", "达·芬奇", "诺基亚", "丰田", "布宜诺斯艾利斯", "大阪",
+           "哈姆雷特", "泰坦尼克号", "乞力马扎罗山", "维基百科"),
+}
+
+
 def _base(lang: str) -> str:
     return lang.lower().replace("_", "-").split("-")[0]
 
@@ -108,6 +172,29 @@ def kl_prompts_for(langs, extra: tuple[str, ...] | None = None, per_lang: int = 
     out: list[str] = []
     for lang in dict.fromkeys(_base(lang) for lang in langs):
         out += list(KL_PROMPTS.get(lang, KL_PROMPTS["en"])[:per_lang])
+    return list(dict.fromkeys(out))
+
+
+def neighbor_prompts(facts: list[Fact], langs, n: int) -> list[str]:
+    """Each fact's prompt with its subject replaced by ``n`` stand-ins, per language: the same
+    question about something else. An edit should not change their answers, and they are the
+    unrelated prompts closest to the fact: neurons that carry the relation ("which artist made
+    ...") rather than this subject fire there too. Stand-ins are picked by a hash of the subject
+    (the same fact always gets the same ones); a fact whose prompt does not contain its subject
+    gets none in that language. Never built from the evaluation probes."""
+    out: list[str] = []
+    if n <= 0:
+        return out
+    for fact in facts:
+        for lang in (langs or list(fact.langs)):
+            fl = fact.langs.get(lang)
+            if fl is None or not fl.subject or fl.subject not in fl.prompt:
+                continue
+            pool = [s for s in NEIGHBOR_SUBJECTS.get(_base(lang), NEIGHBOR_SUBJECTS["*"])
+                    if s not in fl.subject and fl.subject not in s]
+            first = zlib.crc32(fl.subject.encode("utf-8")) % len(pool)
+            for k in range(min(n, len(pool))):
+                out.append(fl.prompt.replace(fl.subject, pool[(first + k) % len(pool)], 1))
     return list(dict.fromkeys(out))
 
 
