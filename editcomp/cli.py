@@ -454,6 +454,10 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                    "locality when many facts are edited at once (16 windows of 256 tokens).")
 @click.option("--preserve-weight", default=None, type=float,
               help="lafn: weight of that term [default: 20; 0: off].")
+@click.option("--neighbors", default=None, type=int,
+              help="lafn: per fact and language, copies of its prompt with the subject swapped "
+                   "for a stand-in (another person, place, work...) whose answers the KL term "
+                   "keeps [default: 0].")
 @click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
               show_default=True,
               help="lafn: run the update steps' matmuls in bf16 (auto: where the device does bf16 "
@@ -467,7 +471,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             autocast, report_file, force, device, dtype, as_json):
+             neighbors, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -480,12 +484,16 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
              "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
-    if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None):
-        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share and "
-                            "--preserve-text/--preserve-weight apply to --method lafn only")
+    if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
+                             or neighbors is not None):
+        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
+                            "--neighbors and --preserve-text/--preserve-weight apply to --method "
+                            "lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {"preserve_weight": preserve_weight} if preserve_weight is not None else {}
     lafn_extra["autocast"] = autocast
+    if neighbors is not None:
+        lafn_extra["neighbors"] = neighbors
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,
                                                         **lafn_extra))

@@ -129,10 +129,11 @@ def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path):
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--form-share", "1.0",
-                  "--steps", "3", "--preserve-text", text, "--preserve-weight", "7", "--json")
+                  "--steps", "3", "--preserve-text", text, "--preserve-weight", "7",
+                  "--neighbors", "1", "--json")
     assert res.exit_code == 0, res.output
     last = checkpoint.load(out).lineage["history"][-1]
-    assert last["config"]["preserve_weight"] == 7.0
+    assert last["config"]["preserve_weight"] == 7.0 and last["config"]["neighbors"] == 1
     assert last["preserve_text"] == {"path": str(text), "sha256": facts_sha256(text)}
 
 
