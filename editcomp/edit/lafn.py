@@ -227,7 +227,9 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     runner = ModelRunner(model, tokenizer)
     per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
                                                    kl_ids, kl_ends, progress)
-    near = neighbor_prompts(facts, list(dict.fromkeys(it.lang for it in items)), config.neighbors)
+    # neighbors only serve the KL term: none (and no generation for them) without one
+    near = (neighbor_prompts(facts, list(dict.fromkeys(it.lang for it in items)), config.neighbors)
+            if config.kl_weight > 0 else [])
     loc_report["neighbor_prompts"] = near
     kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
     neurons = _merge(per_fact)
