@@ -490,10 +490,9 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                             "--neighbors and --preserve-text/--preserve-weight apply to --method "
                             "lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
-    lafn_extra = {"preserve_weight": preserve_weight} if preserve_weight is not None else {}
+    lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors))
+                  if v is not None}
     lafn_extra["autocast"] = autocast
-    if neighbors is not None:
-        lafn_extra["neighbors"] = neighbors
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,
                                                         **lafn_extra))

@@ -1,7 +1,6 @@
 """LAFN and FT-L on tiny models: locating finds a planted neuron, edits take, and nothing else moves."""
 
 import copy
-import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -132,7 +131,7 @@ def test_neighbor_prompts_swap_the_subject_and_never_use_the_probes(fact):
     assert pair[0] != pair[1] and neighbor_prompts(fact, LANGS, 0) == []
     # a prompt that does not contain its subject gives no neighbor in that language
     fl = fact[0].langs["en"]
-    odd = dataclasses.replace(fact[0], langs={"en": dataclasses.replace(fl, subject="Big Ben")})
+    odd = replace(fact[0], langs={"en": replace(fl, subject="Big Ben")})
     assert neighbor_prompts([odd], ["en"], 2) == []
 
 

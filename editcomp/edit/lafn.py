@@ -227,14 +227,14 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     runner = ModelRunner(model, tokenizer)
     per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
                                                    kl_ids, kl_ends, progress)
-    # neighbors only serve the KL term: none (and no generation for them) without one
+    # neighbors only serve the KL term: none without one, and generated only for a training run
     near = (neighbor_prompts(facts, list(dict.fromkeys(it.lang for it in items)), config.neighbors)
             if config.kl_weight > 0 else [])
-    loc_report["neighbor_prompts"] = near
-    kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
     neurons = _merge(per_fact)
     if not neurons:
-        return {"locate": loc_report, "neurons": {}, "train": None, "written": {}}
+        return {"locate": loc_report, "neighbor_prompts": near, "neurons": {}, "train": None,
+                "written": {}}
+    kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
     start = min(neurons)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
     # without a KL term the unrelated prompts only serve the location (no forward pass per step)
@@ -250,7 +250,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                                           + config.preserve_weight * deltas.preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn")
     written = deltas.write()
-    return {"locate": loc_report, "neurons": {str(k): len(v) for k, v in neurons.items()},
+    return {"locate": loc_report, "neighbor_prompts": near,
+            "neurons": {str(k): len(v) for k, v in neurons.items()},
             "train": train, "written": {str(k): v for k, v in written.items()}, "start_layer": start}
 
 
@@ -361,7 +362,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",
         "kl_prompts": kl_texts,
-        "neighbor_prompts": [p for r in runs for p in r["locate"].get("neighbor_prompts", [])],
+        "neighbor_prompts": [p for r in runs for p in r["neighbor_prompts"]],
         "train_matmuls": str(autocast_dtype(param.device, config.autocast)
                              or param.dtype).replace("torch.", ""),
         "neurons": {
