@@ -14,6 +14,7 @@ teacher-forced token accuracy (acc) and greedy exact match (em) of ``editcomp.ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -29,6 +30,7 @@ from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import load_facts, token_windows  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.lafn import preservation_moments  # noqa: E402
+from editcomp.edit.locate import LocateConfig  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
 
@@ -64,15 +66,44 @@ ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
 #: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
 
 
+#: any LAFN row may end in ``@FIELD=VALUE`` pieces that override LAFNConfig (``locate.FIELD``
+#: for LocateConfig), e.g. ``lafn@stop_nll=0.5@lr=0.1``: a scratch config without a code change
+
+
+def _coerce(cls, key: str, text: str):
+    """``text`` as the type of ``cls``'s field ``key`` (its default's type; None-default: float)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise SystemExit(f"unknown {cls.__name__} field {key!r}; valid: {', '.join(fields)}")
+    f = fields[key]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if text.lower() == "none":
+        return None
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(default)(text) if isinstance(default, (int, float, str)) else float(text)
+
+
 def lafn_config(method, args) -> LAFNConfig:
-    extra = dict(ABLATIONS.get(method, {}))
-    if method.startswith("lafn-preserve:"):
-        extra["preserve_weight"] = float(method.split(":", 1)[1])
+    base, *pieces = method.split("@")
+    extra = dict(ABLATIONS.get(base, {}))
+    if base.startswith("lafn-preserve:"):
+        extra["preserve_weight"] = float(base.split(":", 1)[1])
+    locate = {}
+    for piece in pieces:
+        key, _, value = piece.partition("=")
+        if key.startswith("locate."):
+            locate[key[7:]] = _coerce(LocateConfig, key[7:], value)
+        else:
+            extra[key] = _coerce(LAFNConfig, key, value)
+    if locate:
+        extra["locate"] = LocateConfig(**locate)
     return LAFNConfig(paraphrases=args.paraphrases, **extra)
 
 
 def is_lafn(method) -> bool:
-    return method == "lafn" or method in ABLATIONS or method.startswith("lafn-preserve:")
+    base = method.split("@")[0]
+    return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
 
 
 def edit(method, model, tok, facts, langs, args, unrelated=None):
@@ -215,7 +246,8 @@ def main():
     ap.add_argument("--protocols", default="single,cross,batch")
     ap.add_argument("--methods", default="lafn,ft-l",
                     help="lafn, ft-l, and the ablations " + ", ".join(ABLATIONS)
-                    + ", lafn-preserve:WEIGHT")
+                    + ", lafn-preserve:WEIGHT; any LAFN row may end in @FIELD=VALUE overrides "
+                    "of LAFNConfig (locate.FIELD: LocateConfig), e.g. lafn@stop_nll=0.5")
     ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
