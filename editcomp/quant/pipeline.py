@@ -36,6 +36,11 @@ QSUR_TOKENS = 4096  # calibration tokens QSUR is measured on
 #: activation / KV clip ratios when not given: 4-bit per-token grids gain from a little clipping
 #: with learned transforms (measured in benchmarks/quant.py); the others keep the full range.
 DEFAULT_CLIPS = {"ostquant": (0.9, 0.95)}
+#: ... and only grids this coarse: an 8-bit grid loses more to the clipped outliers than it
+#: gains in resolution (smollm2-135m OSTQuant w4a8kv8: ppl 21.06 with 0.9 / 0.95, QuaRot's
+#: unclipped 20.23; without the clips 20.59: benchmarks/results/quant_table.json and
+#: quant_ostquant_w4a8kv8_noclip.json)
+CLIP_MAX_BITS = 4
 
 
 @dataclass
@@ -117,8 +122,12 @@ class QuantizeConfig:
         self.bits_spec()
 
     def clips(self) -> tuple[float, float]:
-        """``(act_clip, kv_clip)`` with the method's defaults filled in."""
+        """``(act_clip, kv_clip)`` with the method's defaults filled in (for grids of at most
+        ``CLIP_MAX_BITS`` bits; finer grids keep the full range unless a clip is given)."""
+        spec = parse_bits(self.bits)
         act, kv = DEFAULT_CLIPS.get(self.method, (1.0, 1.0))
+        act = act if spec.act is not None and spec.act.bits <= CLIP_MAX_BITS else 1.0
+        kv = kv if spec.kv is not None and spec.kv.bits <= CLIP_MAX_BITS else 1.0
         return (act if self.act_clip is None else self.act_clip,
                 kv if self.kv_clip is None else self.kv_clip)
 
