@@ -66,10 +66,6 @@ ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
 #: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
 
 
-#: any LAFN row may end in ``@FIELD=VALUE`` pieces that override LAFNConfig (``locate.FIELD``
-#: for LocateConfig), e.g. ``lafn@stop_nll=0.5@lr=0.1``: a scratch config without a code change
-
-
 def _coerce(cls, key: str, text: str):
     """``text`` as the type of ``cls``'s field ``key`` (its default's type; None-default: float)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -85,6 +81,9 @@ def _coerce(cls, key: str, text: str):
 
 
 def lafn_config(method, args) -> LAFNConfig:
+    """The LAFN settings of a row: an ablation's, then any ``@FIELD=VALUE`` pieces that end the
+    row's name (``locate.FIELD`` for LocateConfig), e.g. ``lafn@stop_nll=0.5@lr=0.1``: a
+    scratch config without a code change."""
     base, *pieces = method.split("@")
     extra = dict(ABLATIONS.get(base, {}))
     if base.startswith("lafn-preserve:"):
