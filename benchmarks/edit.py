@@ -256,6 +256,8 @@ def main():
     args.langs = [s for s in args.langs.split(",") if s]
     args.protocols = [s for s in args.protocols.split(",") if s]
     args.methods = [s for s in args.methods.split(",") if s]
+    for m in filter(is_lafn, args.methods):  # a bad @FIELD override fails before any work
+        lafn_config(m, args).validate()
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"edit_{args.model}.json")
     torch.manual_seed(0)
     t0 = time.time()
