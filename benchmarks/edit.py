@@ -67,7 +67,8 @@ ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
 
 
 def _coerce(cls, key: str, text: str):
-    """``text`` as the type of ``cls``'s field ``key`` (its default's type; None-default: float)."""
+    """``text`` as the type of ``cls``'s field ``key``: its default's type, or for a None default
+    its annotation's (``int | None`` -> int, else float)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if key not in fields:
         raise SystemExit(f"unknown {cls.__name__} field {key!r}; valid: {', '.join(fields)}")
@@ -77,7 +78,9 @@ def _coerce(cls, key: str, text: str):
         return None
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes")
-    return type(default)(text) if isinstance(default, (int, float, str)) else float(text)
+    if isinstance(default, (int, float, str)):
+        return type(default)(text)
+    return int(text) if str(f.type).startswith("int") else float(text)
 
 
 def lafn_config(method, args) -> LAFNConfig:
