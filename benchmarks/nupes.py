@@ -9,7 +9,10 @@ with NUPES weights. Every row is evaluated on the same WikiText-2 *test* windows
 windows come from *valid* only. Ablations of the data-free grid: ``nupes-df-sym`` (symmetric
 scales: 2^b - 1 levels inside the range), ``nupes-dd-sym`` (the same for data-driven),
 ``uniform-signed`` (signed scales, exponent 1) and ``nupes-df-power`` (the paper's rounding in the
-power space instead of the nearest level). The two transform rows share one trained transform
+power space instead of the nearest level), ``nupes-df-mse`` (the error-minimizing scales, without
+the data-free default's unbiased refit) and, to show what that refit alone is worth,
+``nf4-unbiased`` (bitsandbytes' NF4 codes with each block's absmax refit the same way; not a
+bitsandbytes format option). The two transform rows share one trained transform
 per weight setting. Prints a markdown table, writes JSON after every
 row (so an interrupted run keeps what it measured) and a histogram of the NUPES exponents.
 
@@ -37,12 +40,14 @@ from editcomp.data import calibration_windows, token_windows  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.quant.nupes import NUPESConfig  # noqa: E402
 from editcomp.quant.nupes_model import exponent_histogram  # noqa: E402
+from editcomp.quant.ops import unbiased_scales  # noqa: E402
 from editcomp.quant.pipeline import QuantizeConfig, quantize, transform  # noqa: E402
 from editcomp.quant.runtime import quant_linears  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 METHODS = ("rtn", "gptq", "gptq-ao", "nf4", "fp4", "nupes-df", "nupes-dd", "xform", "xform-nupes",
-           "nupes-df-sym", "nupes-dd-sym", "uniform-signed", "nupes-df-power")
+           "nupes-df-sym", "nupes-dd-sym", "uniform-signed", "nupes-df-power", "nupes-df-mse",
+           "nf4-unbiased")
 
 
 def has_ostquant() -> bool:
@@ -83,8 +88,8 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
         return QuantizeConfig(bits=b, method="rtn", group_size=group)
     if method in ("gptq", "gptq-ao"):  # gptq-ao: act-order is switched on in main()
         return QuantizeConfig(bits=b, method="gptq", group_size=group)
-    if method in ("nf4", "fp4"):
-        return QuantizeConfig(bits=b, method=method, group_size=group or 64)
+    if method in ("nf4", "fp4", "nf4-unbiased"):  # nf4-unbiased: refit in main()
+        return QuantizeConfig(bits=b, method=method.split("-")[0], group_size=group or 64)
     if method == "nupes-df":
         return QuantizeConfig(bits=b, method="nupes", group_size=group, nupes=df)
     if method == "nupes-df-sym":  # ablation: symmetric scales (2^b - 1 levels in the range),
@@ -95,6 +100,9 @@ def config_for(method: str, bits: int, group: int | None, args, transform: str):
     if method == "uniform-signed":  # ablation: signed scales, exponent fixed at 1 (uniform)
         return QuantizeConfig(bits=b, method="nupes", group_size=group,
                               nupes=NUPESConfig(data_free=True, min_exponent=1.0, **extra))
+    if method == "nupes-df-mse":  # ablation: the error-minimizing scales, no unbiased refit
+        return QuantizeConfig(bits=b, method="nupes", group_size=group,
+                              nupes=NUPESConfig(data_free=True, unbiased_scale="never", **extra))
     if method == "nupes-df-power":  # ablation: the paper's rounding in the power space
         return QuantizeConfig(bits=b, method="nupes", group_size=group,
                               nupes=NUPESConfig(data_free=True, rounding="power", **extra))
@@ -134,7 +142,7 @@ def parse_rows(text: str, groups: list[int | None]):
                 meth = meth.strip()
                 if meth not in METHODS:
                     raise SystemExit(f"unknown row method {meth!r}; valid: {', '.join(METHODS)}")
-                if meth in ("nf4", "fp4") and (bits != 4 or g is None):
+                if meth in ("nf4", "fp4", "nf4-unbiased") and (bits != 4 or g is None):
                     continue
                 rows.append((bits, g, meth))
     return rows
@@ -212,6 +220,8 @@ def main():
             else:
                 rep = quantize(model, cfg, calib if cfg.needs_calibration else None,
                                progress=False)
+            if method == "nf4-unbiased":
+                _unbias_blocks(model, base.model)
             row["seconds"] = time.time() - t + row.get("transform_seconds", 0.0)
             t = time.time()
             row["ppl"] = perplexity(model, windows, progress=False)["ppl"]
@@ -255,6 +265,18 @@ def _on_shared_transform(base_model, cfg: QuantizeConfig, calib, cache: dict):
     rep = quantize(model, stage, calib, progress=False)
     rep["transform_seconds"] = t_sec
     return model, rep
+
+
+def _unbias_blocks(model, base_model) -> None:
+    """The ``nf4-unbiased`` row: keep bitsandbytes' codes, refit every block's absmax with
+    ``ops.unbiased_scales`` against the float weights of ``base_model`` (same module names)."""
+    float_linears = dict(base_model.named_modules())
+    for name, q in quant_linears(model).items():
+        W = float_linears[name].weight.detach().float()
+        codes, absmax = q.codes(), q.scales.clone()
+        q.set_codes(codes, torch.ones_like(absmax), None)
+        unit = q.dequantize_weight()
+        q.set_codes(codes, unbiased_scales(W, unit, absmax, q.w_spec), None)
 
 
 def _gptq_act_order(model, cfg, calib):

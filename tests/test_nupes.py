@@ -14,7 +14,7 @@ from editcomp.quant.nupes import (NUPESConfig, nupes_dequantize, nupes_quantize,
                                   lut_dequantize, range_ref, search_exponent)
 from editcomp.quant.nupes_model import nupes_weights
 from editcomp.quant.nupes_linear import NUPESLinear
-from editcomp.quant.ops import compute_qparams, dequantize, quantize
+from editcomp.quant.ops import _rows, compute_qparams, dequantize, quantize
 from editcomp.quant.checkpoint_io import save_quantized
 from editcomp.quant.pipeline import QuantizeConfig, quantize as pipeline_quantize
 from editcomp.quant.runtime import quant_linears, spec_to_dict
@@ -178,6 +178,46 @@ def _layer_data(seed=0, n=256, cols=128, rows=96):
     return _laplace(rows=rows, cols=cols, seed=seed), acc.H
 
 
+@pytest.mark.parametrize("group", [None, 64])
+def test_unbiased_scales_remove_the_shrinking_gain_of_the_data_free_fit(group):
+    """The error-minimizing fit shrinks (gain < 1 per scale); the unbiased refit gives gain 1 for
+    every scale with the same codes, at most a small cost in weight error (unclipped group scales
+    are not error-minimizing either: there it may even lower it); all-zero groups keep their
+    scale."""
+    W = _laplace(rows=16, cols=512)
+    W[3, :64] = 0.0
+    spec = NUPESConfig(bits=4, group_size=group).spec
+
+    def gains(W_hat):
+        rows, hat = _rows(W, spec), _rows(W_hat, spec)
+        keep = group is None
+        return (hat * rows).sum(-1, keepdim=keep) / (rows * rows).sum(-1, keepdim=keep)
+
+    plain = nupes_quantize_weight(W, NUPESConfig(bits=4, group_size=group, data_free=True,
+                                                 unbiased_scale="never"))
+    fixed = nupes_quantize_weight(W, NUPESConfig(bits=4, group_size=group, data_free=True,
+                                                 unbiased_scale="always"))
+    default = nupes_quantize_weight(W, NUPESConfig(bits=4, group_size=group, data_free=True))
+    # the default refits group scales only (per channel it cost perplexity at 3 bits)
+    assert torch.equal(default[0], (fixed if group else plain)[0])
+    assert torch.equal(plain[1], fixed[1])  # the same codes
+    g_plain, g_fixed = gains(plain[0]), gains(fixed[0])
+    live = torch.isfinite(g_plain)
+    assert float(g_plain[live].mean()) < 0.997  # small groups scatter around it
+    torch.testing.assert_close(g_fixed[live], torch.ones_like(g_fixed[live]), rtol=1e-5, atol=0)
+    if group:
+        assert fixed[2][3, 0] == plain[2][3, 0]  # the all-zero group
+    err = [float((x[0] - W).square().sum()) for x in (plain, fixed)]
+    assert err[1] < 1.05 * err[0]
+
+
+def test_the_unbiased_refit_leaves_the_data_driven_path_alone():
+    W, H = _layer_data()
+    on = nupes_quantize_weight(W, NUPESConfig(bits=3, steps=0, unbiased_scale="always"), H)
+    off = nupes_quantize_weight(W, NUPESConfig(bits=3, steps=0, unbiased_scale="never"), H)
+    assert torch.equal(on[0], off[0])
+
+
 def test_data_driven_beats_data_free_and_gptq_on_output_error():
     W, H = _layer_data()
     cfg = NUPESConfig(bits=3, steps=60)
@@ -275,6 +315,11 @@ def test_per_layer_exponent_round_trips(tmp_path, tok):
 def test_bits_outside_2_to_8_is_a_config_error(bits):
     with pytest.raises(ConfigError, match="bits must be an integer in 2-8"):
         NUPESConfig(bits=bits)
+
+
+def test_an_unknown_unbiased_scale_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="unbiased_scale must be one of groups, always, never"):
+        NUPESConfig(unbiased_scale=True)
 
 
 def test_group_size_not_dividing_the_width_is_a_config_error():
