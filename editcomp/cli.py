@@ -191,11 +191,11 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Calibration sampling and rotations.")
 @click.option("--act-clip", type=float, default=None,
-              help="Clip ratio of activation ranges [default: 0.9 for ostquant at 4-bit "
-                   "activations, else 1.0].")
+              help="Clip ratio of activation ranges [default: 0.9 for quarot and ostquant at "
+                   "4-bit activations, else 1.0].")
 @click.option("--kv-clip", type=float, default=None,
-              help="Clip ratio of KV ranges [default: 0.95 for ostquant at a 4-bit KV cache, else "
-                   "1.0].")
+              help="Clip ratio of KV ranges [default: 0.95 for quarot and ostquant at a 4-bit KV "
+                   "cache, else 1.0].")
 @click.option("--steps", type=int, default=None,
               help="ostquant: training steps [default: 60; scaled down for a 2-core CPU from "
                    "the paper's 100-150 steps on 128+ windows of 2048 tokens: one 512-token "

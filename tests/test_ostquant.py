@@ -165,13 +165,15 @@ def test_kl_top_equals_the_direct_formula():
                                          ("w4a4kv8", (0.9, 1.0)), ("w4a16", (1.0, 1.0))])
 def test_ostquant_clips_only_4_bit_grids_by_default(bits, clips):
     """The default activation / KV clips are for 4-bit grids: at 8 bits they cost more than
-    they gain; an explicit clip applies at any width, and the spec carries what ``clips`` says."""
+    they gain; an explicit clip applies at any width, and the spec carries what ``clips`` says.
+    QuaRot, the baseline, has the same defaults; the other methods none."""
     cfg = QuantizeConfig(bits=bits, method="ostquant")
     assert cfg.clips() == clips
     spec = cfg.bits_spec()
     assert (spec.act.clip_ratio if spec.act else 1.0, spec.kv.clip_ratio if spec.kv else 1.0) == clips
     assert QuantizeConfig(bits=bits, method="ostquant", act_clip=0.8, kv_clip=0.7).clips() == (0.8, 0.7)
-    assert QuantizeConfig(bits=bits, method="quarot").clips() == (1.0, 1.0)
+    assert QuantizeConfig(bits=bits, method="quarot").clips() == clips
+    assert QuantizeConfig(bits=bits, method="gptq").clips() == (1.0, 1.0)
 
 
 def test_gemma3_refuses_the_residual_rotation_with_the_reason():
