@@ -532,13 +532,14 @@ def nupes_quantize_weight(W: torch.Tensor, config: NUPESConfig, H: torch.Tensor 
     a, scale, _ = search_exponent(W, config)
     nearest = config.rounding == "nearest"
     codes = nupes_quantize(W, scale, a, spec, rc, nearest)
+    data_free = H is None or config.data_free
     refit = config.unbiased_scale == "always" or (config.unbiased_scale == "groups"
                                                   and spec.grouped)
-    if refit and (H is None or config.data_free):
+    if data_free and refit:
         unit = nupes_dequantize(codes, torch.ones_like(scale), a, spec, rc)
         scale = unbiased_scales(W, unit, scale, spec)
     info = {}
-    if H is not None and not config.data_free:
+    if not data_free:
         if not torch.isfinite(H).all():
             raise NumericalError(f"calibration activations contain NaN/Inf for layer {name}")
         best = output_error(nupes_dequantize(codes, scale, a, spec, rc), W, H)

@@ -191,8 +191,8 @@ def unbiased_scales(w: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
     ``scale`` in the public layout. Rounding to the nearest level and picking the scale that
     minimizes the weight error both shrink (``<w_hat, w> / ||w||^2`` ~ 0.995 at 4 bits): every
     layer's output then carries that gain and the following layers compound it, which costs
-    more perplexity than the refit's slightly larger weight error (measured in NUPES). A scale whose weights are all zero,
-    or whose fit would flip its sign, keeps its value.
+    more perplexity than the refit's slightly larger weight error (measured in NUPES). A scale
+    whose weights are all zero, or whose fit would flip its sign, keeps its value.
     """
     keep = not spec.grouped
     rows, lv = _rows(w.detach().float(), spec), _rows(levels.float(), spec)
