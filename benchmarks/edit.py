@@ -54,7 +54,8 @@ def restore(model, saved):
 #: lafn-fp32: the update steps in fp32 (the default runs their matmuls in bf16 where native);
 #: lafn-kl8: 8 unrelated prompts per language (the default before session 9: 4);
 #: lafn-noanswers: the unrelated questions without their short answers;
-#: lafn-neighbors: also 2 subject-swapped copies of each fact's prompt per language in the KL
+#: lafn-neighbors: also 2 subject-swapped copies of each fact's prompt per language in the KL;
+#: lafn-nopreserve: without the preservation term (the default before session 13)
 ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
              "lafn-kl4": dict(kl_groups=4),
              "lafn-full-nll": dict(nll_vocab=None),
@@ -62,8 +63,11 @@ ABLATIONS = {"lafn-question-kl": dict(kl_per_lang=4, kl_continuation=0),
              "lafn-fp32": dict(autocast="off"),
              "lafn-kl8": dict(kl_per_lang=8),
              "lafn-noanswers": dict(kl_answers=False),
-             "lafn-neighbors": dict(neighbors=2)}
-#: lafn-preserve:W -- the preservation term (activation moments of valid.txt windows) at weight W
+             "lafn-neighbors": dict(neighbors=2),
+             "lafn-nopreserve": dict(preserve_weight=0.0)}
+#: lafn-preserve:W -- the preservation term at weight W. Every LAFN row with a weight above 0
+#: (the default's too) gets the activation moments of valid.txt windows, as ``editcomp edit``
+#: reads that file by default
 
 
 def _coerce(cls, key: str, text: str):
@@ -110,8 +114,9 @@ def is_lafn(method) -> bool:
 
 def edit(method, model, tok, facts, langs, args, unrelated=None):
     if is_lafn(method):
-        preserve = args.moments if method.startswith("lafn-preserve:") else None
-        return lafn_edit(model, tok, facts, lafn_config(method, args), langs, progress=False,
+        config = lafn_config(method, args)
+        preserve = args.moments if config.preserve_weight > 0 else None
+        return lafn_edit(model, tok, facts, config, langs, progress=False,
                          unrelated=unrelated, preserve=preserve)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
 
@@ -269,9 +274,9 @@ def main():
     windows = (token_windows(tok, DATA / "wikitext-2" / "test.txt", args.seq_len, args.ppl_windows)
                if args.ppl_windows and "batch" in args.protocols else None)
     ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
-    # generic text for the preservation ablations: valid.txt windows (test.txt is the ppl probe)
+    # generic text for the preservation term: valid.txt windows (test.txt is the ppl probe)
     args.moments = None
-    if any(m.startswith("lafn-preserve:") for m in args.methods):
+    if any(lafn_config(m, args).preserve_weight > 0 for m in filter(is_lafn, args.methods)):
         args.moments = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt")
     rows: list[dict] = []
     for lang in args.langs:

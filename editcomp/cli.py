@@ -437,7 +437,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
               help="Template paraphrases added per language for locating and training "
                    "[default: lafn 1, ft-l 2]; evaluation probes are never used.")
 @click.option("--steps", default=None, type=int,
-              help="Optimizer steps at most [default: lafn 60, ft-l 25].")
+              help="Optimizer steps at most [default: lafn 80, ft-l 25].")
 @click.option("--top-frac", default=None, type=float,
               help="lafn: a neuron is a candidate for a prompt when its |activation| is in its "
                    "layer's top fraction [default: 0.02].")
@@ -451,11 +451,13 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                    "prompts end: they mark a prompt's form, not the fact [default: 0.25; 1 "
                    "keeps almost all].")
 @click.option("--preserve-text", default=None, type=click.Path(dir_okay=False),
-              help="lafn: generic text (e.g. ../shared/data/wikitext-2/valid.txt) whose FFN "
-                   "activations the deltas must leave nearly unchanged: keeps perplexity and "
-                   "locality when many facts are edited at once (16 windows of 256 tokens).")
+              help="lafn: generic text whose FFN activations the deltas must leave nearly "
+                   "unchanged (16 windows of 256 tokens): keeps the edit off unrelated answers "
+                   "where the located neurons also fire, and perplexity when many facts are "
+                   f"edited at once [default: {DEFAULT_CALIB}].")
 @click.option("--preserve-weight", default=None, type=float,
-              help="lafn: weight of that term [default: 20; 0: off].")
+              help="lafn: weight of that term [default: 5; more for large batches; 0: off, no "
+                   "text read].")
 @click.option("--neighbors", default=None, type=int,
               help="lafn: per fact and language, copies of its prompt with the subject swapped "
                    "for a stand-in (another person, place, work...) whose answers the KL term "
@@ -501,7 +503,7 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
               if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(**extra)))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype,
-                      preserve_text=preserve_text)
+                      preserve_text=preserve_text or DEFAULT_CALIB)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")

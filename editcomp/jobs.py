@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from editcomp.edit import FTLConfig, LAFNConfig
-from editcomp.errors import ConfigError, EditcompError
+from editcomp.errors import ConfigError, DataError, EditcompError
 
 DEFAULT_TEXT = "../shared/data/wikitext-2/test.txt"
 DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
@@ -122,11 +122,12 @@ class EditConfig:
 
 def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offset: int = 0,
              report_file=None, force: bool = False, device=None, dtype=None,
-             lineage_extra: dict | None = None, preserve_text=None) -> dict:
+             lineage_extra: dict | None = None, preserve_text=DEFAULT_CALIB) -> dict:
     """Edit the facts of ``facts`` into ``model``; measure reliability / generality / locality /
     portability per language against the unedited model; save with the facts' sha256.
     ``preserve_text`` (lafn): generic text whose FFN activations the edit must keep changing
-    little (``lafn.preservation_moments``)."""
+    little (``lafn.preservation_moments``; WikiText-2 valid.txt by default). Read only when
+    ``config.lafn.preserve_weight > 0``; None: no preservation term."""
     from editcomp import checkpoint
     from editcomp.data import facts_sha256, load_facts, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
@@ -134,8 +135,14 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     if isinstance(langs, str):
         langs = [s.strip() for s in langs.split(",") if s.strip()] or None
     fact_list = load_facts(facts, langs=langs, limit=limit, offset=offset)
-    if preserve_text:
-        load_text(preserve_text)  # missing or empty: say so before loading the model
+    if config.method != "lafn" or config.lafn.preserve_weight == 0:
+        preserve_text = None
+    if preserve_text:  # missing or empty: say so before loading the model
+        try:
+            load_text(preserve_text)
+        except DataError as e:
+            raise DataError(f"{e} (LAFN's preservation text: give another (--preserve-text), "
+                            "or edit without the term (preserve weight 0))") from None
     _refuse_existing(out, force)
     config.validate()
     method_config = config.method_config()
@@ -153,7 +160,7 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
                "offset": offset, "limit": limit, "langs": langs},
         paraphrase_source=report["paraphrase_source"],
         **({"preserve_text": {"path": str(preserve_text), "sha256": facts_sha256(preserve_text)}}
-           if preserve_text and config.method == "lafn" else {}),
+           if preserve_text else {}),
         **(lineage_extra or {}))
     path = _save(ck, out, entry, force)
     if report_file and config.method == "lafn":

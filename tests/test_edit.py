@@ -236,6 +236,42 @@ def test_the_kl_term_keeps_unrelated_prompts(tok, fact):
     assert moved[1] < 0.6 * moved[0]
 
 
+def test_the_preservation_term_keeps_the_edit_off_generic_text(tok, fact):
+    """With generic text's moments (``preserve``) the written edit changes down_proj's output on
+    that text less than the same edit without them: the term reaches the optimizer."""
+    from editcomp.edit.lafn import preservation_moments
+    model, _, _, _ = planted(tok, fact)
+    ids = tok("The weather was mild and the river ran quietly past the town. " * 8)["input_ids"]
+    text = torch.tensor([ids[:48], ids[48:96]])
+    moments = preservation_moments(model, tok, text, LAFNConfig(locate=LocateConfig(min_layer=0.0)))
+    seqs = [list(map(int, w)) for w in text]
+    before = {li: mlp_down_outputs(model, tok, seqs, li) for li in moments}
+    changes = []
+    for preserve in (None, moments):
+        m = copy.deepcopy(model)
+        cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=30, lr=2.0,
+                         norm_weight=0.0, kl_weight=0.0, preserve_weight=10.0)
+        report = lafn_edit(m, tok, fact, cfg, LANGS, progress=False, preserve=preserve)
+        assert report["neurons"]["total"] > 0
+        changes.append(sum(float((mlp_down_outputs(m, tok, seqs, li) - before[li]).pow(2).mean())
+                           for li in moments))
+    assert changes[0] > 0 and changes[1] < 0.5 * changes[0]
+
+
+def mlp_down_outputs(model, tokenizer, seqs, layer):
+    """down_proj's output at every position of ``seqs`` (equal lengths) in ``layer``."""
+    runner = ModelRunner(model, tokenizer)
+    box = []
+    h = get_adapter(model).layer(layer).down.register_forward_hook(
+        lambda m, a, out: box.append(out.detach()))
+    try:
+        with torch.no_grad():
+            runner.adapter.decoder(input_ids=torch.tensor(seqs), use_cache=False)
+    finally:
+        h.remove()
+    return box[0]
+
+
 def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, monkeypatch):
     """The KL term gets every unrelated prompt and, after them, each neighbor prompt followed by
     the unedited model's greedy continuation; the report names the neighbors."""

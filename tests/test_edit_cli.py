@@ -30,6 +30,24 @@ def tiny_ckpt(tmp_path_factory, tiny_tokenizer):
                            checkpoint.lineage_entry("test", {"why": "edit cli"}))
 
 
+GENERIC = "The weather was mild and the river ran quietly past the town. " * 200
+
+
+@pytest.fixture(scope="module")
+def generic_text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("generic") / "generic.txt"
+    p.write_text(GENERIC, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def default_preserve_text(monkeypatch, generic_text):
+    """``editcomp edit`` reads WikiText-2 valid.txt from ../shared by default, which a clean
+    clone may not have: these tests point the default at a small generic text instead."""
+    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(generic_text))
+    return generic_text
+
+
 def one_line_error(res, *needles):
     assert res.exit_code == 1
     # transformers' weight-loading bar may precede it; the error itself is one line
@@ -123,9 +141,40 @@ def test_a_target_that_tokenizes_to_nothing(tiny_ckpt, tmp_path, tiny_tokenizer)
     assert not out.exists()
 
 
+def test_lafn_reads_the_default_preservation_text(tiny_ckpt, tmp_path, default_preserve_text):
+    out = tmp_path / "edited"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
+                  "--limit", "1", "--steps", "2", "--json")
+    assert res.exit_code == 0, res.output
+    last = checkpoint.load(out).lineage["history"][-1]
+    assert last["config"]["preserve_weight"] == 5.0
+    assert last["preserve_text"] == {"path": str(default_preserve_text),
+                                     "sha256": facts_sha256(default_preserve_text)}
+
+
+@pytest.mark.parametrize("method,extra", [("lafn", ["--preserve-weight", "0"]), ("ft-l", [])])
+def test_no_preservation_term_reads_no_text(tiny_ckpt, tmp_path, monkeypatch, method, extra):
+    """Weight 0 (or FT-L) never touches the preservation text: a missing default is no error,
+    and the lineage names no text."""
+    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
+    out = tmp_path / "edited"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
+                  "--limit", "1", "--steps", "2", "--method", method, *extra)
+    assert res.exit_code == 0, res.output
+    assert "preserve_text" not in checkpoint.load(out).lineage["history"][-1]
+
+
+def test_a_missing_default_preservation_text_says_how_to_go_on(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
+    out = tmp_path / "out"
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out,
+                           "--langs", "en", "--limit", "1"),
+                   "absent.txt", "file not found", "--preserve-text", "preserve weight 0")
+    assert not out.exists()
+
+
 def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path):
-    text = _bad(tmp_path, "The weather was mild and the river ran quietly past the town. " * 200,
-                "generic.txt")
+    text = _bad(tmp_path, GENERIC, "generic.txt")
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--form-share", "1.0",
