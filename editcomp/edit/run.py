@@ -20,10 +20,10 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
                      progress: bool = True, preserve_text=None) -> dict:
     """Locality reference of the unedited model, the edit, then the edit metrics -> report with
     ``"metrics"`` (per language and mean: reliability, generality, locality, portability).
-    ``preserve_text``: LAFN's generic text (``preservation_moments``); ignored by FT-L."""
+    ``preserve_text``: LAFN's generic text (``preservation_moments``), or None; the caller
+    (``jobs.edit_job``) passes one only to LAFN with a preservation weight above 0."""
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
-                if preserve_text and isinstance(config, LAFNConfig) and config.preserve_weight > 0
-                else None)  # first: a bad text fails before any other work
+                if preserve_text else None)  # first: a bad text fails before any other work
     reference = locality_reference(model, tokenizer, facts, langs, progress=progress)
     if isinstance(config, FTLConfig):
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
