@@ -511,3 +511,30 @@ def test_autocast_modes_resolve_and_a_bad_one_is_a_config_error():
         LAFNConfig(autocast="fp8").validate()
     with pytest.raises(ConfigError, match="unknown autocast mode"):
         autocast_dtype("cpu", "fp8")
+
+
+def _first_step_change(tok, facts, lr):
+    """The largest weight change one Adam step makes (Adam's first step moves every entry by
+    the lr, in units of its column's RMS) and the report."""
+    model = tiny_model("llama")
+    before = [lp.down.weight.detach().clone() for lp in get_adapter(model).layers()]
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None,
+                     lr=lr, norm_weight=0.0, kl_weight=0.0, preserve_weight=0.0)
+    report = lafn_edit(model, tok, facts, cfg, ["en"], progress=False)
+    change = max(float((lp.down.weight.detach() - w).abs().max())
+                 for lp, w in zip(get_adapter(model).layers(), before))
+    return change, report
+
+
+def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr(tok):
+    from editcomp.edit.lafn import BATCH_LR, SINGLE_LR
+    one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
+    auto, rep = _first_step_change(tok, one, None)
+    half, rep_half = _first_step_change(tok, one, SINGLE_LR / 2)
+    assert rep["learning_rate"] == SINGLE_LR and rep_half["learning_rate"] == SINGLE_LR / 2
+    assert auto == pytest.approx(2 * half, rel=1e-3)  # the lr reached the optimizer
+    two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    assert _first_step_change(tok, two, None)[1]["learning_rate"] == BATCH_LR
+    seq = lafn_edit(tiny_model("llama"), tok, two, LAFNConfig(sequential=True, steps=1,
+                    locate=LocateConfig(min_layer=0.0, top_frac=0.05)), ["en"], progress=False)
+    assert seq["learning_rate"] == SINGLE_LR  # one fact at a time

@@ -38,10 +38,14 @@ from editcomp.errors import ConfigError
 from editcomp.eval.edit_metrics import encode_prompt_target, greedy_continuations
 
 
+SINGLE_LR = 0.1   # LAFNConfig.learning_rate: one fact at a time
+BATCH_LR = 0.05   # ... several facts edited together
+
+
 @dataclass
 class LAFNConfig:
-    """LAFN settings. Defaults from 6 gemma3-270m / BMIKE-53 de cases (a faster lr, 0.1-0.5,
-    reaches the targets in fewer steps but moves unrelated answers). Since the location drops
+    """LAFN settings. Defaults from 6 gemma3-270m / BMIKE-53 de cases, then 20 per language
+    (benchmarks/results/README.md). Since the location drops
     prompt-form neurons (``LocateConfig.form_share``) fewer neurons carry the fact, and 30 steps
     left half of the edits short of the target. The preservation term slows the NLL's fall
     (at weight 20, 8 of 20 single de edits ran to a 60-step cap, 5 of them short of the
@@ -50,8 +54,17 @@ class LAFNConfig:
     locate: LocateConfig = field(default_factory=LocateConfig)
     paraphrases: int = 1          # template paraphrases added per language (prompts.py)
     steps: int = 80               # optimizer steps (upper bound; see stop_nll)
-    lr: float = 0.05              # Adam, on deltas in units of the edited columns' RMS
-    kl_weight: float = 5.0        # KL(unedited || edited) on unrelated prompts' next token
+    lr: float | None = None       # Adam, on deltas in units of the edited columns' RMS; None:
+    #                               ``SINGLE_LR`` for a fact edited alone (single edits and
+    #                               --sequential), ``BATCH_LR`` for facts edited together (see
+    #                               ``learning_rate``)
+    kl_weight: float = 10.0       # KL(unedited || edited) on unrelated prompts' next token; at
+    #                               lr 0.1, 5 -> 10: locality de 0.943 -> 0.963, zh 0.834 ->
+    #                               0.844 (20 single edits each). With lr 0.1, against the
+    #                               session-13 defaults (lr 0.05, KL 5), gemma3-270m, 20 single
+    #                               edits in each of de/fr/zh/es, means of the 8 language rows
+    #                               (session 14): 15.0 -> 10.2 s per edit, reliability 0.988 ->
+    #                               0.997, generality 0.892 -> 0.914, locality 0.918 -> 0.915
     norm_weight: float = 0.5      # ||D||^2 / ||W[:, idx]||^2 (NeuronDeltas.relative_norm)
     norm_on_text: bool = False    # ... or the change of the edited columns' output on the
     #                               unrelated prompts' tokens (their activation covariance)
@@ -104,6 +117,16 @@ class LAFNConfig:
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
 
+    def learning_rate(self, n_facts: int) -> float:
+        """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
+        fact and ``BATCH_LR`` for more. One fact's ~46 columns take 0.1 in half the steps of
+        0.05 with the same locality; a batch moves thousands of columns at once, and 0.1 there
+        costs perplexity (gemma3-270m, 100 de cases in one batch, session 14: ppl x1.86 at
+        0.1, x1.40 at 0.05, locality en/de 0.35/0.31 vs 0.39/0.33)."""
+        if self.lr is not None:
+            return self.lr
+        return SINGLE_LR if n_facts == 1 else BATCH_LR
+
     def validate(self) -> None:
         self.locate.validate()
         for name in ("kl_vocab", "nll_vocab"):
@@ -122,7 +145,7 @@ class LAFNConfig:
         if self.paraphrases < 0:
             raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
         for name in ("lr", "kl_weight", "norm_weight", "preserve_weight"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
@@ -254,7 +277,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                           preserve if config.preserve_weight > 0 else None)
 
     with frozen(model), deltas, train_autocast(runner.device, config.autocast):
-        train = optimize(runner, batches, deltas.params(), start, config.steps, config.lr,
+        train = optimize(runner, batches, deltas.params(), start, config.steps,
+                         config.learning_rate(len(facts)),
                          kl_weight=config.kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
                                           + config.preserve_weight * deltas.preservation()),
@@ -368,6 +392,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "method": "lafn",
         "config": config.to_dict(),
         "mode": "sequential" if config.sequential else "batch",
+        "learning_rate": config.learning_rate(len(groups[0]) if groups else 0),
         "facts": len(facts),
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",
