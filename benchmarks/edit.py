@@ -107,6 +107,16 @@ def lafn_config(method, args) -> LAFNConfig:
     return LAFNConfig(paraphrases=args.paraphrases, **extra)
 
 
+def moments_for(config, model, tok, args):
+    """valid.txt's activation moments for ``config``'s window count and length, made once per
+    pair of them on the unedited model (test.txt is the ppl probe)."""
+    key = (config.preserve_windows, config.preserve_seq_len)
+    if key not in args.moments:
+        args.moments[key] = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt",
+                                                 config)
+    return args.moments[key]
+
+
 def is_lafn(method) -> bool:
     base = method.split("@")[0]
     return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
@@ -115,7 +125,7 @@ def is_lafn(method) -> bool:
 def edit(method, model, tok, facts, langs, args, unrelated=None):
     if is_lafn(method):
         config = lafn_config(method, args)
-        preserve = args.moments if config.preserve_weight > 0 else None
+        preserve = moments_for(config, model, tok, args) if config.preserve_weight > 0 else None
         return lafn_edit(model, tok, facts, config, langs, progress=False,
                          unrelated=unrelated, preserve=preserve)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
@@ -274,10 +284,11 @@ def main():
     windows = (token_windows(tok, DATA / "wikitext-2" / "test.txt", args.seq_len, args.ppl_windows)
                if args.ppl_windows and "batch" in args.protocols else None)
     ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
-    # generic text for the preservation term: valid.txt windows (test.txt is the ppl probe)
-    args.moments = None
-    if any(lafn_config(m, args).preserve_weight > 0 for m in filter(is_lafn, args.methods)):
-        args.moments = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt")
+    # generic text for the preservation term, made before any edit (moments_for)
+    args.moments = {}
+    for m in filter(is_lafn, args.methods):
+        if lafn_config(m, args).preserve_weight > 0:
+            moments_for(lafn_config(m, args), model, tok, args)
     rows: list[dict] = []
     for lang in args.langs:
         run_lang(model, tok, lang, args, rows, windows, ppl_before)
