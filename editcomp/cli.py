@@ -462,6 +462,11 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
               help="lafn: per fact and language, copies of its prompt with the subject swapped "
                    "for a stand-in (another person, place, work...) whose answers the KL term "
                    "keeps [default: 0].")
+@click.option("--batch-questions", default=None, type=int,
+              help="lafn, facts edited together: unrelated questions per language that the "
+                   "unedited model writes itself (sampled, seed 0) and whose answers, and "
+                   "activations, the edit must keep; without them a batch leaks its targets into "
+                   "other questions' answers [default: 128; 0: off].")
 @click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
               show_default=True,
               help="lafn: run the update steps' matmuls in bf16 (auto: where the device does bf16 "
@@ -475,7 +480,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             neighbors, autocast, report_file, force, device, dtype, as_json):
+             neighbors, batch_questions, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -489,13 +494,13 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
              "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
-                             or neighbors is not None):
+                             or neighbors is not None or batch_questions is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
-                            "--neighbors and --preserve-text/--preserve-weight apply to --method "
-                            "lafn only")
+                            "--neighbors, --batch-questions and --preserve-text/--preserve-weight "
+                            "apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
-    lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors))
-                  if v is not None}
+    lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
+                                    ("batch_questions", batch_questions)) if v is not None}
     lafn_extra["autocast"] = autocast
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,

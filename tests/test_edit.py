@@ -538,3 +538,43 @@ def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr(tok):
     seq = lafn_edit(tiny_model("llama"), tok, two, LAFNConfig(sequential=True, steps=1,
                     locate=LocateConfig(min_layer=0.0, top_frac=0.05)), ["en"], progress=False)
     assert seq["learning_rate"] == SINGLE_LR  # one fact at a time
+
+
+def test_keep_questions_keeps_new_questions_without_an_edited_subject():
+    from editcomp.edit.questions import keep_questions
+    shots = ["Who wrote the novel Moby-Dick?"]
+    lines = ["Who built the Eiffel Tower?", "Paris is a city.", " Who built the Eiffel Tower? ",
+             "Wer?", "Who wrote the novel Moby-Dick?", "Where was the STATUE of liberty made?",
+             "谁发明了纸张？"]
+    assert keep_questions(lines, shots, ["Statue of Liberty"], min_chars=6) == [
+        "Who built the Eiffel Tower?", "谁发明了纸张？"]
+
+
+def test_sampled_questions_are_reproducible_and_leave_the_callers_random_state(tok):
+    from editcomp.edit.questions import sample_questions
+    model = tiny_model("llama")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lines = [sample_questions(model, tok, "en", 6, seed=s, max_new_tokens=4) for s in (0, 0)]
+    assert torch.equal(torch.rand(3), expected)  # the sampling drew from a forked generator
+    assert lines[0] == lines[1]
+
+
+def test_a_batch_adds_sampled_questions_except_those_naming_an_edited_subject(tok):
+    from editcomp.edit.lafn import unrelated_prompts
+    facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    subject = facts[0].langs["en"].subject
+    model = tiny_model("llama")
+    asked, about = "Who painted the ceiling of the chapel?", f"Who built the {subject}?"
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None)
+    questions = unrelated_prompts(model, tok, ["en"], replace(cfg, kl_prompts=(asked, about),
+                                                              kl_answers=False))
+    batch = lafn_edit(model, tok, facts, cfg, ["en"], progress=False, questions=questions)
+    assert batch["sampled_questions"] == 1
+    assert asked in batch["kl_prompts"] and about not in batch["kl_prompts"]
+    single = lafn_edit(model, tok, facts[:1], cfg, ["en"], progress=False, questions=questions)
+    assert single["sampled_questions"] == 0 and asked not in single["kl_prompts"]
+    off = lafn_edit(model, tok, facts, replace(cfg, batch_questions=0), ["en"], progress=False,
+                    questions=questions)
+    assert off["sampled_questions"] == 0 and asked not in off["kl_prompts"]

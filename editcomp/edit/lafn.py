@@ -31,6 +31,7 @@ from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
 from editcomp.device import AUTOCAST_MODES, autocast_dtype, train_autocast
 from editcomp.edit.locate import LocateConfig, activation_moments, run_and_locate
+from editcomp.edit.questions import keep_questions, sample_questions
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
@@ -116,6 +117,14 @@ class LAFNConfig:
     #                               1.0 -> 0.975 (benchmarks/edit.py, lafn vs lafn-fp32)
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
+    batch_questions: int = 128    # facts edited together: this many unrelated questions per
+    #                               language that the unedited model samples (questions.py), with
+    #                               its greedy answers, join the KL term's prompts, the location's
+    #                               generic prompts and (their tokens' moments) the preservation
+    #                               text; 0: off. A batch edit otherwise leaks its targets into
+    #                               other questions' answers (session 15: see questions.py)
+    kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
+    #                               into rotating groups (as ``kl_groups``)
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -136,7 +145,10 @@ class LAFNConfig:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         if self.neighbors < 0:
             raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")
-        for name in ("steps", "batch_size", "kl_groups", "preserve_windows", "preserve_seq_len"):
+        if self.batch_questions < 0:
+            raise ConfigError(f"batch_questions must be >= 0, got {self.batch_questions}")
+        for name in ("steps", "batch_size", "kl_groups", "preserve_windows", "preserve_seq_len",
+                     "kl_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.autocast not in AUTOCAST_MODES:
@@ -271,8 +283,9 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     start = min(neurons)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
     # without a KL term the unrelated prompts only serve the location (no forward pass per step)
+    kl_groups = max(config.kl_groups, -(-len(kl_ids) // config.kl_per_step))
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
-                            config.batch_size, config.kl_vocab, config.kl_groups, config.nll_vocab)
+                            config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab)
     deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
                           preserve if config.preserve_weight > 0 else None)
 
@@ -312,6 +325,27 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None)
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs))
 
 
+def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None, seed: int = 0
+                      ) -> UnrelatedPrompts:
+    """``config.batch_questions`` questions per language that the unedited ``model`` samples
+    (``questions.sample_questions``), each followed by its greedy continuation: a batch edit's
+    extra unrelated prompts. Made once per unedited model and languages, like
+    ``unrelated_prompts``; ``lafn_edit`` drops those that name an edited subject."""
+    config = config or LAFNConfig()
+    texts = [q for lang in dict.fromkeys(langs)
+             for q in sample_questions(model, tokenizer, lang, config.batch_questions, seed)]
+    ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation)
+    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs))
+
+
+def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> UnrelatedPrompts:
+    subjects = [fl.subject for f in facts for fl in f.langs.values()]
+    keep = set(keep_questions(list(prompts.texts), [], subjects, min_chars=0))
+    rows = [k for k, t in enumerate(prompts.texts) if t in keep]
+    return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
+                            tuple(prompts.ends[k] for k in rows), prompts.langs)
+
+
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
                         ) -> tuple[list[list[int]], list[int]]:
     """Token ids of ``texts`` (each followed by its answer where ``answers`` has one, a
@@ -331,12 +365,13 @@ def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
 
 def preservation_moments(model, tokenizer, text, config: LAFNConfig | None = None,
                          progress: bool = False) -> dict[int, torch.Tensor]:
-    """The activation moments of generic ``text`` (a file, or token windows ``[n, T]``) in the
-    layers LAFN may edit, for ``lafn_edit(preserve=...)``; made once per unedited model. A file
-    is read as ``config.preserve_windows`` windows of ``preserve_seq_len`` tokens, each
-    starting like a document (too short a file is a ``DataError`` naming it)."""
+    """The activation moments of generic ``text`` (a file, token windows ``[n, T]``, or a list of
+    token-id lists) in the layers LAFN may edit, for ``lafn_edit(preserve=...)``; made once per
+    unedited model. A file is read as ``config.preserve_windows`` windows of
+    ``preserve_seq_len`` tokens, each starting like a document (too short a file is a
+    ``DataError`` naming it)."""
     config = config or LAFNConfig()
-    if not isinstance(text, torch.Tensor):  # a path, never the text itself
+    if not isinstance(text, (torch.Tensor, list)):  # a path, never the text itself
         text = token_windows(tokenizer, Path(text), config.preserve_seq_len,
                              config.preserve_windows, each_as_document=True)
     n_layers = get_adapter(model).num_layers
@@ -347,7 +382,8 @@ def preservation_moments(model, tokenizer, text, config: LAFNConfig | None = Non
 
 def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = None, langs=None,
               progress: bool = True, unrelated: UnrelatedPrompts | None = None,
-              preserve: dict[int, torch.Tensor] | None = None) -> dict:
+              preserve: dict[int, torch.Tensor] | None = None,
+              questions: UnrelatedPrompts | None = None) -> dict:
     """Edit ``facts`` into ``model`` in place (only located down_proj columns change) -> report.
 
     All facts are located and trained together (batch), or one after another with
@@ -356,6 +392,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     KL term's prompts from ``unrelated_prompts`` on this same unedited model (default: made here).
     ``preserve``: ``preservation_moments`` of this unedited model: the deltas then also keep
     the edited columns' output on that text (weight ``config.preserve_weight``).
+    ``questions``: ``sampled_questions`` of this unedited model, for facts edited together
+    (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
+    prompts, and their tokens' moments the preservation text.
     """
     config = config or LAFNConfig()
     config.validate()
@@ -366,6 +405,18 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         unrelated = unrelated_prompts(model, tokenizer, used_langs, config)
     kl_texts = list(unrelated.texts)
     kl_ids, kl_ends = [list(p) for p in unrelated.ids], list(unrelated.ends)
+    n_questions = 0
+    if len(facts) > 1 and not config.sequential and config.batch_questions > 0:
+        if questions is None:
+            questions = sampled_questions(model, tokenizer, used_langs, config)
+        questions = _without_subjects(questions, facts)
+        n_questions = len(questions.texts)
+        kl_texts += questions.texts
+        kl_ids += [list(p) for p in questions.ids]
+        kl_ends += questions.ends
+        if config.preserve_weight > 0 and questions.ids:
+            asked = preservation_moments(model, tokenizer, [list(p) for p in questions.ids], config)
+            preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     runs = []
     for g in tqdm(groups, desc="facts", unit="fact", disable=not progress or len(groups) < 2):
@@ -397,6 +448,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",
         "kl_prompts": kl_texts,
+        "sampled_questions": n_questions,
         "neighbor_prompts": [p for r in runs for p in r["neighbor_prompts"]],
         "train_matmuls": str(autocast_dtype(param.device, config.autocast)
                              or param.dtype).replace("torch.", ""),
