@@ -31,9 +31,9 @@ from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
 from editcomp.device import AUTOCAST_MODES, autocast_dtype, train_autocast
 from editcomp.edit.locate import LocateConfig, activation_moments, run_and_locate
-from editcomp.edit.questions import keep_questions, sample_questions
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
+from editcomp.edit.questions import keep_questions, sample_questions
 from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
 from editcomp.errors import ConfigError
 from editcomp.eval.edit_metrics import encode_prompt_target, greedy_continuations

@@ -4,10 +4,10 @@ A batch of edits leaks into the answers of questions it was never about: on gemm
 cases edited together with 8 hand-written unrelated prompts in the KL term (preservation weight
 100) flipped 37% of the locality probes' answer tokens, 42% of those to a token of one of the
 batch's targets, and moved their next-token distributions by 2.1 nats per token (session 15).
-A few fixed prompts cannot cover that; hundreds of
-questions can, and the model can write them in any language it knows without any data set: it
-continues a few-shot list of questions (``prompts.KL_PROMPTS``'s questions in that language),
-sampled, and each line that is a question is kept. The evaluation probes are never seen.
+A few fixed prompts cannot cover that; hundreds of questions can, and the model writes them in
+any language it knows without a data set: it continues a few-shot list of questions
+(``prompts.KL_PROMPTS``'s questions in that language), sampled, and each line that is a
+question is kept. The evaluation probes are never seen.
 """
 
 from __future__ import annotations
