@@ -159,6 +159,10 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
         facts={"path": str(facts), "sha256": facts_sha256(facts), "count": len(fact_list),
                "offset": offset, "limit": limit, "langs": langs},
         paraphrase_source=report["paraphrase_source"],
+        # the KL term's prompts: hand-written, then any the model sampled (a batch's questions)
+        **({"unrelated_prompts": {"texts": report["kl_prompts"],
+                                  "sampled_questions": report["sampled_questions"]}}
+           if config.method == "lafn" else {}),
         **({"preserve_text": {"path": str(preserve_text), "sha256": facts_sha256(preserve_text)}}
            if preserve_text else {}),
         **(lineage_extra or {}))

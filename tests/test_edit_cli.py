@@ -8,6 +8,7 @@ import torch
 
 from editcomp import checkpoint
 from editcomp.data import facts_sha256
+from editcomp.edit.prompts import KL_PROMPTS
 from editcomp.tiny import tiny_model
 
 from conftest import EXAMPLE_FACTS
@@ -78,10 +79,13 @@ def test_edit_writes_a_loadable_checkpoint_with_lineage(tiny_ckpt, tmp_path, met
     assert all("down_proj" in n for n in diff)
     if method == "lafn":  # the defaults may locate nothing in a random 2-layer model: then nothing moves
         assert bool(diff) == (last["metrics"]["neurons"]["total"] > 0)
+        unrelated = last["unrelated_prompts"]  # 4 hand-written per language, then the sampled ones
+        assert unrelated["texts"][:4] == list(KL_PROMPTS["en"][:4])
+        assert len(unrelated["texts"]) == 8 + unrelated["sampled_questions"]
         report = json.loads(rep.read_text())
         assert len(report["layer_histogram"]) == 2 and "en-de" in report["language_overlap_jaccard"]
     else:
-        assert diff and not rep.exists()
+        assert diff and not rep.exists() and "unrelated_prompts" not in last
     # --out exists: refused without --force, replaced with it
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--limit", "1"),
                    "already exists")
