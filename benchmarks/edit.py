@@ -286,9 +286,9 @@ def main():
     ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
     # generic text for the preservation term, made before any edit (moments_for)
     args.moments = {}
-    for m in filter(is_lafn, args.methods):
-        if lafn_config(m, args).preserve_weight > 0:
-            moments_for(lafn_config(m, args), model, tok, args)
+    for config in (lafn_config(m, args) for m in filter(is_lafn, args.methods)):
+        if config.preserve_weight > 0:
+            moments_for(config, model, tok, args)
     rows: list[dict] = []
     for lang in args.langs:
         run_lang(model, tok, lang, args, rows, windows, ppl_before)

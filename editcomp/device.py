@@ -86,3 +86,13 @@ def autocast_dtype(device: torch.device | str, mode: str = "auto") -> torch.dtyp
     if mode == "off" or (mode == "auto" and not native_bf16(device)):
         return None
     return torch.bfloat16
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str):
+    """Global RNG seeded for the block (``model.generate`` samples from it), on a forked state:
+    the caller's random stream continues as if the block had not run."""
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # ok: CUDA's own RNG
+        torch.manual_seed(seed)
+        yield

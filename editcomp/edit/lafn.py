@@ -33,7 +33,7 @@ from editcomp.device import AUTOCAST_MODES, autocast_dtype, train_autocast
 from editcomp.edit.locate import LocateConfig, activation_moments, run_and_locate
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
-from editcomp.edit.questions import keep_questions, sample_questions
+from editcomp.edit.questions import names_a_subject, sample_questions
 from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
 from editcomp.errors import ConfigError
 from editcomp.eval.edit_metrics import encode_prompt_target, greedy_continuations
@@ -340,8 +340,7 @@ def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None,
 
 def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> UnrelatedPrompts:
     subjects = [fl.subject for f in facts for fl in f.langs.values()]
-    keep = set(keep_questions(list(prompts.texts), [], subjects, min_chars=0))
-    rows = [k for k, t in enumerate(prompts.texts) if t in keep]
+    rows = [k for k, t in enumerate(prompts.texts) if not names_a_subject(t, subjects)]
     return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
                             tuple(prompts.ends[k] for k in rows), prompts.langs)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from editcomp.device import seeded
 from editcomp.edit.prompts import KL_PROMPTS, _base
 from editcomp.eval.perplexity import eval_mode
 
@@ -26,17 +27,22 @@ def few_shot_questions(lang: str) -> list[str]:
     return [q for q in KL_PROMPTS.get(_base(lang), KL_PROMPTS["en"]) if q.endswith(QUESTION_ENDS)]
 
 
+def names_a_subject(text: str, subjects) -> bool:
+    """Whether ``text`` mentions any of ``subjects`` (case-insensitive): an unrelated prompt
+    about an edited subject would hold the edit back."""
+    lowered = text.lower()
+    return any(s and s.lower() in lowered for s in subjects)
+
+
 def keep_questions(lines: list[str], shots: list[str], subjects: list[str] = (),
                    min_chars: int = 8) -> list[str]:
     """The lines that are new questions: end with a question mark, at least ``min_chars`` long,
-    not a few-shot example, first occurrence only, and mentioning none of ``subjects`` (an
-    unrelated prompt about an edited subject would hold the edit back)."""
+    not a few-shot example, first occurrence only, and naming none of ``subjects``."""
     seen = set(shots)
-    lowered = [s.lower() for s in subjects if s]
     out = []
     for line in (s.strip() for s in lines):
         if (len(line) < min_chars or not line.endswith(QUESTION_ENDS) or line in seen
-                or any(s in line.lower() for s in lowered)):
+                or names_a_subject(line, subjects)):
             continue
         seen.add(line)
         out.append(line)
@@ -57,9 +63,7 @@ def sample_questions(model, tokenizer, lang: str, n: int, seed: int = 0,
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     stop = [t for t in (newline[-1:] + [tokenizer.eos_token_id]) if t is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    devices = [ids.device] if ids.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), eval_mode(model):
-        torch.manual_seed(seed)
+    with seeded(seed, ids.device), eval_mode(model):
         out = model.generate(ids, do_sample=True, top_p=0.95, temperature=1.0, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=n,
                              eos_token_id=stop, pad_token_id=pad)
