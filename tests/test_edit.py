@@ -526,18 +526,20 @@ def _first_step_change(tok, facts, lr):
     return change, report
 
 
-def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr(tok):
-    from editcomp.edit.lafn import BATCH_LR, SINGLE_LR
+def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok):
+    from editcomp.edit.lafn import BATCH_LR, BATCH_NLL_FLOOR, SINGLE_LR
     one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
     auto, rep = _first_step_change(tok, one, None)
     half, rep_half = _first_step_change(tok, one, SINGLE_LR / 2)
     assert rep["learning_rate"] == SINGLE_LR and rep_half["learning_rate"] == SINGLE_LR / 2
+    assert rep["nll_floor"] == 0.0
     assert auto == pytest.approx(2 * half, rel=1e-3)  # the lr reached the optimizer
     two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
-    assert _first_step_change(tok, two, None)[1]["learning_rate"] == BATCH_LR
+    batch = _first_step_change(tok, two, None)[1]
+    assert batch["learning_rate"] == BATCH_LR and batch["nll_floor"] == BATCH_NLL_FLOOR
     seq = lafn_edit(tiny_model("llama"), tok, two, LAFNConfig(sequential=True, steps=1,
                     locate=LocateConfig(min_layer=0.0, top_frac=0.05)), ["en"], progress=False)
-    assert seq["learning_rate"] == SINGLE_LR  # one fact at a time
+    assert seq["learning_rate"] == SINGLE_LR and seq["nll_floor"] == 0.0  # one fact at a time
 
 
 def test_keep_questions_keeps_new_questions_without_an_edited_subject():
@@ -578,3 +580,32 @@ def test_a_batch_adds_sampled_questions_except_those_naming_an_edited_subject(to
     off = lafn_edit(model, tok, facts, replace(cfg, batch_questions=0), ["en"], progress=False,
                     questions=questions)
     assert off["sampled_questions"] == 0 and asked not in off["kl_prompts"]
+
+
+def test_nll_floor_stops_pushing_the_pairs_already_below_it(tok, fact):
+    """With the floor between two pairs' NLLs, one step moves the deltas exactly as that step on
+    the pair above the floor alone would (the pair below contributes no gradient); with the
+    floor above both, nothing moves."""
+    from editcomp.edit.lafn import NeuronDeltas
+    from editcomp.edit.runner import build_batches, frozen, optimize
+    model, items, _, last = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    probe = TrainBatch(runner, pairs, [])
+    probe.prepare(runner, 0)
+    order = probe.nll_start.argsort()
+    low, high = pairs[int(order[0])], pairs[int(order[-1])]
+    gap = probe.nll_start[order[[0, -1]]]
+    assert gap[1] - gap[0] > 0.1
+    floor = float(gap.mean())
+
+    def one_step(step_pairs, nll_floor):
+        deltas = NeuronDeltas(model, {last: [NEURON]})
+        with frozen(model), deltas:
+            batches = build_batches(runner, step_pairs, [], batch_size=64)
+            optimize(runner, batches, deltas.params(), 0, steps=1, lr=0.1, nll_floor=nll_floor)
+        return deltas.delta(last).detach()
+
+    both, alone = one_step([low, high], floor), one_step([high], 0.0)
+    assert both.abs().max() > 0 and torch.allclose(both, alone, atol=1e-6)
+    assert one_step([low, high], float(gap[1]) + 1.0).abs().max() == 0

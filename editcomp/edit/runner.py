@@ -304,11 +304,17 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
 
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
              steps: int, lr: float, kl_weight: float = 0.0, penalty=None, after_step=None,
-             stop_nll: float | None = None, progress: bool = False, desc: str = "edit") -> dict:
+             stop_nll: float | None = None, progress: bool = False, desc: str = "edit",
+             nll_floor: float = 0.0) -> dict:
     """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
     batch, cycling; stops early once every target token is the argmax and the mean NLL is below
     ``stop_nll`` (checked per round; when the batches score the NLL over candidates, confirmed
     with the full vocabulary, which also refreshes the candidates if it fails).
+
+    ``nll_floor``: a pair whose NLL is below it is not pushed further (its NLL counts as the
+    floor): facts edited together reach their targets at different steps, and the ones done
+    early would otherwise keep growing their margin while the rest catch up. The stopping rule
+    then reads ``max(stop_nll, nll_floor)``.
 
     -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
     is a ``NumericalError`` (the caller has written nothing yet).
@@ -321,12 +327,15 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     last = [None] * len(batches)
     hist = {"nll_start": None}
     step, exact = 0, None
+    if stop_nll is not None and nll_floor > 0:
+        stop_nll = max(stop_nll, nll_floor)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     try:
         while step < steps:
             for bi, b in enumerate(batches):
                 nll, kl, hits = b.losses(runner, start)
-                loss = nll.mean() + kl_weight * kl.mean() if kl.numel() else nll.mean()
+                fit = nll.clamp_min(nll_floor).mean() if nll_floor > 0 else nll.mean()
+                loss = fit + kl_weight * kl.mean() if kl.numel() else fit
                 pen = penalty() if penalty is not None else None
                 if pen is not None:
                     loss = loss + pen
