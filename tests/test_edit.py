@@ -9,8 +9,8 @@ import torch
 from editcomp.arch import get_adapter
 from editcomp.data import load_facts
 from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
-from editcomp.edit.prompts import (NEIGHBOR_SUBJECTS, kl_answer, kl_prompts_for, neighbor_prompts,
-                                   template_paraphrases, training_items)
+from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_prompts_for,
+                                   neighbor_prompts, template_paraphrases, training_items)
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
 from editcomp.edit.runner import ModelRunner, TrainBatch, gather_positions, right_pad
@@ -550,6 +550,16 @@ def test_keep_questions_keeps_new_questions_without_an_edited_subject():
              "谁发明了纸张？"]
     assert keep_questions(lines, shots, ["Statue of Liberty"], min_chars=6) == [
         "Who built the Eiffel Tower?", "谁发明了纸张？"]
+
+
+def test_the_few_shot_list_alternates_entity_and_general_questions_in_the_language():
+    from editcomp.edit.questions import ENTITY_QUESTIONS, few_shot_questions
+    for lang in ("en", "de", "fr", "es", "zh"):
+        shots = few_shot_questions(lang)
+        assert shots[0::2] == list(ENTITY_QUESTIONS[lang])
+        assert all(q in KL_PROMPTS[lang] for q in shots[1::2]) and len(shots) == 16
+    assert few_shot_questions("ja") == few_shot_questions("en")  # no list of its own
+    assert few_shot_questions("de-AT") == few_shot_questions("de")
 
 
 def test_sampled_questions_are_reproducible_and_leave_the_callers_random_state(tok):

@@ -12,6 +12,8 @@ question is kept. The evaluation probes are never seen.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from editcomp.device import seeded
@@ -20,11 +22,50 @@ from editcomp.eval.perplexity import eval_mode
 
 QUESTION_ENDS = ("?", "？")
 
+# Questions about named people, works, teams and places, which the few-shot list mixes with
+# KL_PROMPTS' general-knowledge ones. With those alone gemma3-270m writes school-science
+# questions ("What gas is contained in oxygen?"), while what a user asks a model, and what
+# edit benchmarks probe locality with (zsRE's are Natural Questions), names an entity: a song,
+# a show, a film, a match. Hand-written; none is taken from a benchmark.
+ENTITY_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "en": ("Who sang the song \"Bohemian Rhapsody\"?", "Who directed the film Jurassic Park?",
+           "When did the TV series Friends first air?", "Which team won the 2014 FIFA World Cup?",
+           "Who plays Hermione Granger in the Harry Potter films?",
+           "In which city was Wolfgang Amadeus Mozart born?",
+           "Who wrote the book The Hunger Games?", "What is the name of the hero of The Legend of Zelda?"),
+    "de": ("Wer sang das Lied \"Bohemian Rhapsody\"?", "Wer führte Regie bei dem Film Jurassic Park?",
+           "Wann lief die Serie Friends zum ersten Mal im Fernsehen?",
+           "Welche Mannschaft gewann die Fußball-Weltmeisterschaft 2014?",
+           "Wer spielt Hermine Granger in den Harry-Potter-Filmen?",
+           "In welcher Stadt wurde Wolfgang Amadeus Mozart geboren?",
+           "Wer schrieb das Buch Die Tribute von Panem?",
+           "Wie heißt der Held von The Legend of Zelda?"),
+    "fr": ("Qui a chanté la chanson « Bohemian Rhapsody » ?", "Qui a réalisé le film Jurassic Park ?",
+           "Quand la série Friends a-t-elle été diffusée pour la première fois ?",
+           "Quelle équipe a gagné la Coupe du monde de football 2014 ?",
+           "Qui joue Hermione Granger dans les films Harry Potter ?",
+           "Dans quelle ville est né Wolfgang Amadeus Mozart ?",
+           "Qui a écrit le livre Hunger Games ?", "Comment s'appelle le héros de The Legend of Zelda ?"),
+    "es": ("¿Quién cantó la canción \"Bohemian Rhapsody\"?", "¿Quién dirigió la película Jurassic Park?",
+           "¿Cuándo se emitió por primera vez la serie Friends?",
+           "¿Qué equipo ganó la Copa Mundial de Fútbol de 2014?",
+           "¿Quién interpreta a Hermione Granger en las películas de Harry Potter?",
+           "¿En qué ciudad nació Wolfgang Amadeus Mozart?",
+           "¿Quién escribió el libro Los juegos del hambre?",
+           "¿Cómo se llama el héroe de The Legend of Zelda?"),
+    "zh": ("谁演唱了歌曲《波西米亚狂想曲》？", "谁执导了电影《侏罗纪公园》？", "电视剧《老友记》是什么时候首播的？",
+           "哪支球队赢得了2014年世界杯？", "谁在《哈利·波特》电影中扮演赫敏·格兰杰？",
+           "沃尔夫冈·阿马德乌斯·莫扎特出生在哪座城市？", "《饥饿游戏》这本书的作者是谁？",
+           "《塞尔达传说》的主角叫什么名字？"),
+}
+
 
 def few_shot_questions(lang: str) -> list[str]:
-    """The hand-written questions that start the list the model continues (English for a
-    language without its own)."""
-    return [q for q in KL_PROMPTS.get(_base(lang), KL_PROMPTS["en"]) if q.endswith(QUESTION_ENDS)]
+    """The hand-written questions that start the list the model continues: ``ENTITY_QUESTIONS``
+    and KL_PROMPTS' questions, alternating (English for a language without its own)."""
+    general = [q for q in KL_PROMPTS.get(_base(lang), KL_PROMPTS["en"]) if q.endswith(QUESTION_ENDS)]
+    entity = list(ENTITY_QUESTIONS.get(_base(lang), ENTITY_QUESTIONS["en"]))
+    return [q for pair in itertools.zip_longest(entity, general) for q in pair if q]
 
 
 def names_a_subject(text: str, subjects) -> bool:
