@@ -6,8 +6,8 @@ cases edited together with 8 hand-written unrelated prompts in the KL term (pres
 batch's targets, and moved their next-token distributions by 2.1 nats per token (session 15).
 A few fixed prompts cannot cover that; hundreds of questions can, and the model writes them in
 any language it knows without a data set: it continues a few-shot list of questions
-(``prompts.KL_PROMPTS``'s questions in that language), sampled, and each line that is a
-question is kept. The evaluation probes are never seen.
+(``ENTITY_QUESTIONS`` and ``prompts.KL_PROMPTS``'s questions in that language), sampled, and
+each line that is a question is kept. The evaluation probes are never seen.
 """
 
 from __future__ import annotations
