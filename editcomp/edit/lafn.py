@@ -453,12 +453,13 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             jacc.setdefault(k, []).append(v)
     counts = [row["neurons"] for row in per_fact]
     param = next(model.parameters())
+    group_size = len(groups[0]) if groups else 0  # facts trained together
     report = {
         "method": "lafn",
         "config": config.to_dict(),
         "mode": "sequential" if config.sequential else "batch",
-        "learning_rate": config.learning_rate(len(groups[0]) if groups else 0),
-        "nll_floor": config.target_floor(len(groups[0]) if groups else 0),
+        "learning_rate": config.learning_rate(group_size),
+        "nll_floor": config.target_floor(group_size),
         "facts": len(facts),
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",

@@ -327,14 +327,14 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     last = [None] * len(batches)
     hist = {"nll_start": None}
     step, exact = 0, None
-    if stop_nll is not None and nll_floor > 0:
+    if stop_nll is not None:
         stop_nll = max(stop_nll, nll_floor)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
     try:
         while step < steps:
             for bi, b in enumerate(batches):
                 nll, kl, hits = b.losses(runner, start)
-                fit = nll.clamp_min(nll_floor).mean() if nll_floor > 0 else nll.mean()
+                fit = nll.clamp_min(nll_floor).mean()  # floor 0: the plain mean (NLL >= 0)
                 loss = fit + kl_weight * kl.mean() if kl.numel() else fit
                 pen = penalty() if penalty is not None else None
                 if pen is not None:
