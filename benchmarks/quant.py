@@ -68,7 +68,7 @@ def run_row(args, row: str) -> dict:
             return {**out, "refused": str(e)}
         out["calib_seconds"] = round(time.time() - t0, 1)
         out["act_clip"], out["kv_clip"] = config.clips()
-        for k in ("loss_first", "loss_last", "residual_rotation", "note"):
+        for k in ("loss_first", "loss_last", "train_matmuls", "residual_rotation", "note"):
             if k in report:
                 out[k] = report[k]
         if "qsur_after" in report:

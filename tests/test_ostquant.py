@@ -50,6 +50,27 @@ def test_learned_transforms_preserve_the_function(family):
         assert rel(model(ids).logits, ref(ids).logits) < 1e-4
 
 
+def test_bf16_training_matmuls_change_the_losses_but_the_fused_model_stays_exact():
+    """``autocast="bf16"`` runs the training steps' matmuls in bf16 (so the losses change); the
+    transforms are still fp32, so the fused model keeps the function."""
+    ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for mode in ("off", "bf16"):
+        model, ref = sharp_model(), sharp_model()
+        report = ostquant_transform(model, parse_bits("w4a4kv4"),
+                                    OSTQuantConfig(steps=3, lr_rot=0.05, lr_scale=0.05,
+                                                   train_seq_len=32, autocast=mode),
+                                    ids, progress=False)
+        assert report["train_matmuls"] == ("float32" if mode == "off" else "bfloat16")
+        losses[mode] = torch.tensor(report["losses"])
+        with torch.no_grad():
+            assert rel(model(ids).logits, ref(ids).logits) < 1e-4
+    assert not torch.equal(losses["off"], losses["bf16"])
+    assert torch.isfinite(losses["bf16"]).all()
+    with pytest.raises(ConfigError, match="autocast must be one of auto, bf16, off"):
+        OSTQuantConfig(autocast="fp8")
+
+
 def spread_gains(model):
     """Give every pre-norm a gain spread like Gemma3's (0 to 3 per channel), the same for
     every call, so a reference model can get the same gains."""
