@@ -67,8 +67,28 @@ def test_bf16_training_matmuls_change_the_losses_but_the_fused_model_stays_exact
             assert rel(model(ids).logits, ref(ids).logits) < 1e-4
     assert not torch.equal(losses["off"], losses["bf16"])
     assert torch.isfinite(losses["bf16"]).all()
+    # "auto" keeps fp32 where the training builds fake-quantized weights (weight-only settings)
+    report = ostquant_transform(sharp_model(), parse_bits("w4a16"),
+                                OSTQuantConfig(steps=1, train_seq_len=32), ids, progress=False)
+    assert report["train_matmuls"] == "float32"
     with pytest.raises(ConfigError, match="autocast must be one of auto, bf16, off"):
         OSTQuantConfig(autocast="fp8")
+
+
+def test_defaults_depend_on_the_activation_bits_and_given_fields_win():
+    """4-bit activations train long on short windows with a larger scale step; the other
+    settings keep the settings measured at w4a16 / w4a8kv8; a field that is given is kept."""
+    cfg = OSTQuantConfig()
+    a4 = cfg.resolved(parse_bits("w4a4kv4"))
+    assert (a4.steps, a4.lr_scale, a4.train_seq_len, a4.train_windows) == (300, 1e-2, 256, 128)
+    for bits in ("w4a16", "w4a8kv8"):
+        other = cfg.resolved(parse_bits(bits))
+        assert (other.steps, other.lr_scale, other.train_seq_len) == (60, 2e-3, 512)
+    assert OSTQuantConfig(steps=7, lr_scale=0.5).resolved(parse_bits("w4a4")).steps == 7
+    report = ostquant_transform(tiny_model("llama"), parse_bits("w4a4kv4"),
+                                OSTQuantConfig(steps=2, train_windows=3),
+                                torch.randint(3, 500, (1, 1024)), progress=False)
+    assert report["ostquant"]["train_seq_len"] == 256 and report["train_windows"] == 3
 
 
 def spread_gains(model):
