@@ -45,6 +45,15 @@ json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print one JSON object as the last line of stdout.")
 
 
+def autocast_option(who: str, stays: str):
+    """``--autocast`` of a command that trains (``who``: the method; ``stays``: what stays)."""
+    return click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
+                        show_default=True,
+                        help=f"{who}: run the training steps' matmuls in bf16 (auto: where the "
+                             "device does bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX; "
+                             f"~1.3x faster there). {stays}")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="editcomp")
 def cli():
@@ -211,11 +220,7 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
               help="ostquant: calibration windows are cut into training windows of this many "
                    "tokens [default: 256; the paper trains on 2048; shorter windows buy more "
                    "steps].")
-@click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
-              show_default=True,
-              help="ostquant: run the training steps' matmuls in bf16 (auto: where the device "
-                   "does bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX; ~1.3x faster "
-                   "there). The transforms and the written weights stay fp32.")
+@autocast_option("ostquant", "The transforms and the written weights stay fp32.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=DEFAULT_TEXT,
               show_default=True, help="Text for the before/after perplexity.")
 @click.option("--eval-windows", default=4, show_default=True,
@@ -476,11 +481,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                    "unedited model writes itself (sampled, seed 0) and whose answers, and "
                    "activations, the edit must keep; without them a batch leaks its targets into "
                    "other questions' answers [default: 128; 0: off].")
-@click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto",
-              show_default=True,
-              help="lafn: run the update steps' matmuls in bf16 (auto: where the device does bf16 "
-                   "natively: CUDA, or a CPU with AVX512-BF16/AMX; ~1.3x faster there). The "
-                   "deltas and the written weights stay in the checkpoint's dtype.")
+@autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

@@ -67,10 +67,6 @@ def test_bf16_training_matmuls_change_the_losses_but_the_fused_model_stays_exact
             assert rel(model(ids).logits, ref(ids).logits) < 1e-4
     assert not torch.equal(losses["off"], losses["bf16"])
     assert torch.isfinite(losses["bf16"]).all()
-    # "auto" keeps fp32 where the training builds fake-quantized weights (weight-only settings)
-    report = ostquant_transform(sharp_model(), parse_bits("w4a16"),
-                                OSTQuantConfig(steps=1, train_seq_len=32), ids, progress=False)
-    assert report["train_matmuls"] == "float32"
     with pytest.raises(ConfigError, match="autocast must be one of auto, bf16, off"):
         OSTQuantConfig(autocast="fp8")
 
