@@ -206,20 +206,21 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
               help="Clip ratio of KV ranges [default: 0.95 for quarot and ostquant at a 4-bit KV "
                    "cache, else 1.0].")
 @click.option("--steps", type=int, default=None,
-              help="ostquant: training steps [default: 300 of one 256-token window each "
-                   "(--train-seq-len): the paper's 100-150 steps on batches of 2048-token "
-                   "windows, scaled to a 2-core CPU].")
+              help="ostquant: training steps, one window (--train-seq-len) each [default by "
+                   "setting: 300 at 4-bit activations, 120 weight-only, else 60; the paper's "
+                   "100-150 steps on batches of 2048-token windows, scaled to a 2-core CPU].")
 @click.option("--lr-rot", type=float, default=None,
               help="ostquant: Adam learning rate of the rotations' Cayley parameter "
                    "[default: 1e-3; the paper's 1e-2 is for a Riemannian step and "
                    "overshoots here].")
 @click.option("--lr-scale", type=float, default=None,
-              help="ostquant: learning rate of the scales [default: 1e-2; the paper's 2e-3 "
-                   "moves them too little in a CPU's steps].")
+              help="ostquant: learning rate of the scales [default by setting: 1e-2 at 4-bit "
+                   "activations, 6e-3 weight-only, else 2e-3 (the paper's), which moves them "
+                   "too little in a CPU's steps].")
 @click.option("--train-seq-len", type=int, default=None,
               help="ostquant: calibration windows are cut into training windows of this many "
-                   "tokens [default: 256; the paper trains on 2048; shorter windows buy more "
-                   "steps].")
+                   "tokens [default: 256 at 4-bit activations, where shorter windows buy more "
+                   "steps, else 512; the paper trains on 2048].")
 @autocast_option("ostquant", "The transforms and the written weights stay fp32.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=DEFAULT_TEXT,
               show_default=True, help="Text for the before/after perplexity.")

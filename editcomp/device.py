@@ -78,6 +78,20 @@ def train_autocast(device: torch.device | str, mode: str = "auto"):
     return torch.autocast(dev.type, dtype=torch.bfloat16)
 
 
+def check_autocast_mode(mode: str, owner: str = "") -> None:
+    """A config's early check of its ``autocast`` field (``owner`` prefixes the message)."""
+    if mode not in AUTOCAST_MODES:
+        from editcomp.errors import ConfigError
+        raise ConfigError(f"{owner}autocast must be one of {', '.join(AUTOCAST_MODES)}, got "
+                          f"{mode!r}")
+
+
+def train_matmuls(device: torch.device | str, mode: str, dtype: torch.dtype) -> str:
+    """For a report: the dtype a training loop's matmuls run in under ``train_autocast(device,
+    mode)`` with parameters of ``dtype`` ("bfloat16", "float32", ...)."""
+    return str(autocast_dtype(device, mode) or dtype).removeprefix("torch.")
+
+
 def autocast_dtype(device: torch.device | str, mode: str = "auto") -> torch.dtype | None:
     """The dtype ``train_autocast`` computes in on ``device`` (None: no autocast)."""
     if mode not in AUTOCAST_MODES:

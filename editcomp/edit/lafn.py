@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
-from editcomp.device import AUTOCAST_MODES, autocast_dtype, train_autocast
+from editcomp.device import check_autocast_mode, train_autocast, train_matmuls
 from editcomp.edit.locate import LocateConfig, activation_moments, run_and_locate
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
@@ -165,9 +165,7 @@ class LAFNConfig:
                      "kl_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.autocast not in AUTOCAST_MODES:
-            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got "
-                              f"{self.autocast!r}")
+        check_autocast_mode(self.autocast)
         if self.paraphrases < 0:
             raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
         for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor"):
@@ -466,8 +464,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "kl_prompts": kl_texts,
         "sampled_questions": n_questions,
         "neighbor_prompts": [p for r in runs for p in r["neighbor_prompts"]],
-        "train_matmuls": str(autocast_dtype(param.device, config.autocast)
-                             or param.dtype).replace("torch.", ""),
+        "train_matmuls": train_matmuls(param.device, config.autocast, param.dtype),
         "neurons": {
             "total": sum(counts),
             "edited_columns": sum(sum(int(n) for n in r["neurons"].values()) for r in runs),

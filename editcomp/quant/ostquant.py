@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
-from editcomp.device import AUTOCAST_MODES, autocast_dtype, train_autocast
+from editcomp.device import check_autocast_mode, train_autocast, train_matmuls
 from editcomp.errors import ConfigError, NumericalError
 from editcomp.quant.hadamard import apply_hadamard, hadamard_factors, random_hadamard
 from editcomp.quant.klloss import TopK, kl_top
@@ -57,6 +57,20 @@ from editcomp.quant.transforms import (HadamardInput, add_down_hadamard, check_r
                                        scale_qkv, scale_updown, scale_upgate)
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+#: Defaults that depend on the setting. With 4-bit activations the learned transforms carry the
+#: method and train long (``OSTQuantConfig``'s table: 300 steps x 256 tokens fit 15 minutes of
+#: a 2-core CPU). Weight-only settings train against fake-quantized weights rebuilt each step
+#: (~4.5 s a step), so fewer: w4a16 per channel on SmolLM2-135M, 120 steps at lr_scale 6e-3
+#: gave ppl 20.25 (x1.088) where 60 at 2e-3 gave 20.58 (x1.106; quant_ostquant_w4a16_*.json).
+#: The other settings (8-bit activations) keep what quant_table.json measured.
+BY_SETTING = {"a4": {"steps": 300, "lr_scale": 1e-2, "train_seq_len": 256, "train_windows": 128},
+              "weight_only": {"steps": 120, "lr_scale": 6e-3, "train_seq_len": 512,
+                              "train_windows": 32},
+              "other": {"steps": 60, "lr_scale": 2e-3, "train_seq_len": 512,
+                        "train_windows": 32}}
+_BY_SETTING_FIELDS = frozenset(BY_SETTING["a4"])  # the fields that may be left None
 
 
 @dataclass
@@ -116,20 +130,17 @@ class OSTQuantConfig:
     def __post_init__(self):
         for name in ("steps", "topk", "train_windows", "train_seq_len", "batch"):
             v = getattr(self, name)
-            if v is None and name in BY_SETTING["a4"]:
+            if v is None and name in _BY_SETTING_FIELDS:
                 continue
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise ConfigError(f"ostquant {name} must be a positive integer, got {v!r}")
-        if self.autocast not in AUTOCAST_MODES:
-            raise ConfigError(f"ostquant autocast must be one of {', '.join(AUTOCAST_MODES)}, "
-                              f"got {self.autocast!r}")
+        check_autocast_mode(self.autocast, "ostquant ")
         for name in ("lr_rot", "lr_scale"):
             v = getattr(self, name)
-            if v is None and name in BY_SETTING["a4"]:
+            if v is None and name in _BY_SETTING_FIELDS:
                 continue
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"ostquant {name} must be a finite number >= 0, got {v!r}")
-
 
     def resolved(self, bits: BitsSpec) -> OSTQuantConfig:
         """This config with the fields left None filled in for ``bits`` (``BY_SETTING``)."""
@@ -139,19 +150,6 @@ class OSTQuantConfig:
             key = "weight_only" if bits.act is None and bits.kv is None else "other"
         defaults = BY_SETTING[key]
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-
-#: Defaults that depend on the setting. With 4-bit activations the learned transforms carry the
-#: method and train long (the table above: 300 steps x 256 tokens fit 15 minutes of a 2-core
-#: CPU). Weight-only settings train against fake-quantized weights rebuilt each step (~4.5 s a
-#: step), so fewer: w4a16 per channel on SmolLM2-135M, 120 steps at lr_scale 6e-3 gave ppl
-#: 20.25 (x1.088) where 60 at 2e-3 gave 20.58 (x1.106; quant_ostquant_w4a16_*.json). The
-#: other settings (8-bit activations) keep what quant_table.json measured.
-BY_SETTING = {"a4": {"steps": 300, "lr_scale": 1e-2, "train_seq_len": 256, "train_windows": 128},
-              "weight_only": {"steps": 120, "lr_scale": 6e-3, "train_seq_len": 512,
-                              "train_windows": 32},
-              "other": {"steps": 60, "lr_scale": 2e-3, "train_seq_len": 512,
-                        "train_windows": 32}}
 
 
 def _cayley(x: torch.Tensor) -> torch.Tensor:
@@ -471,8 +469,8 @@ def ostquant_transform(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig,
     t.fuse(model)
     return {"ostquant": asdict(config), "residual_rotation": residual,
             "train_windows": int(wins.shape[0]), "train_seq_len": int(wins.shape[1]),
-            "train_matmuls": str(autocast_dtype(device, config.autocast)
-                                 or next(model.parameters()).dtype).removeprefix("torch."),
+            "train_matmuls": train_matmuls(device, config.autocast,
+                                           next(model.parameters()).dtype),
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None, "losses": losses,
             "teacher_seconds": round(t_teacher, 1), "train_seconds": round(time.time() - t0, 1),
