@@ -53,7 +53,8 @@ def run_row(args, row: str) -> dict:
         method, variant = VARIANTS.get(method, (method, {}))
         ost = {k: v for k, v in dict(steps=args.steps, lr_rot=args.lr_rot,
                                      lr_scale=args.lr_scale,
-                                     train_seq_len=args.train_seq_len).items() if v is not None}
+                                     train_seq_len=args.train_seq_len,
+                                     lr_clip=args.lr_clip).items() if v is not None}
         ost.update(variant)
         config = QuantizeConfig(bits=bits, method=method, nsamples=args.nsamples,
                                 seq_len=args.calib_seq_len, act_clip=args.act_clip,
@@ -68,7 +69,8 @@ def run_row(args, row: str) -> dict:
             return {**out, "refused": str(e)}
         out["calib_seconds"] = round(time.time() - t0, 1)
         out["act_clip"], out["kv_clip"] = config.clips()
-        for k in ("loss_first", "loss_last", "train_matmuls", "residual_rotation", "note"):
+        for k in ("loss_first", "loss_last", "train_matmuls", "residual_rotation", "note",
+                  "act_clip_by_site"):
             if k in report:
                 out[k] = report[k]
         if "qsur_after" in report:
@@ -108,6 +110,8 @@ def main(argv=None):
     ap.add_argument("--lr-rot", type=float, default=None)
     ap.add_argument("--lr-scale", type=float, default=None)
     ap.add_argument("--train-seq-len", type=int, default=None)
+    ap.add_argument("--lr-clip", type=float, default=None,
+                    help="ostquant: learning rate of the learned activation clips")
     ap.add_argument("--act-clip", type=float, default=None,
                     help="for every row (default: each method's own)")
     ap.add_argument("--kv-clip", type=float, default=None)

@@ -221,6 +221,10 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
               help="ostquant: calibration windows are cut into training windows of this many "
                    "tokens [default: 256 at 4-bit activations, where shorter windows buy more "
                    "steps, else 512; the paper trains on 2048].")
+@click.option("--learn-clips/--fixed-clips", default=None,
+              help="ostquant: learn one activation clip ratio per layer and input (q/k/v, o, "
+                   "gate/up, down), starting from --act-clip, or keep --act-clip everywhere "
+                   "[default: learn at 4-bit activations].")
 @autocast_option("ostquant", "The transforms and the written weights stay fp32.")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=DEFAULT_TEXT,
               show_default=True, help="Text for the before/after perplexity.")
@@ -233,7 +237,7 @@ DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 @json_option
 def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_steps, group_size,
                  calib, nsamples, seq_len, seed, act_clip, kv_clip, steps, lr_rot, lr_scale,
-                 train_seq_len, autocast, eval_text, eval_windows, out, force, device, dtype,
+                 train_seq_len, learn_clips, autocast, eval_text, eval_windows, out, force, device, dtype,
                  as_json):
     """Quantize MODEL and write a quantized checkpoint to --out.
 
@@ -251,7 +255,8 @@ def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_st
     from editcomp.quant.pipeline import QuantizeConfig
 
     ost = {k: v for k, v in dict(steps=steps, lr_rot=lr_rot, lr_scale=lr_scale,
-                                 train_seq_len=train_seq_len, autocast=autocast).items()
+                                 train_seq_len=train_seq_len, learn_clips=learn_clips,
+                                 autocast=autocast).items()
            if v is not None}
     config = QuantizeConfig(bits=bits, method=method, group_size=group_size, nsamples=nsamples,
                             seq_len=seq_len, seed=seed, act_clip=act_clip, kv_clip=kv_clip,
@@ -273,6 +278,8 @@ def quantize_cmd(model, bits, method, weights, data_free, exponent_per, nupes_st
         for point in ("attn_in", "o_in", "mlp_in", "down_in") if "qsur_mean" in r else ():
             b, a = r["qsur_mean"]["before"][point], r["qsur_mean"]["after"][point]
             rows.append((f"QSUR {point}", f"{b:.4f} -> {a:.4f}"))
+        for point, c in r.get("act_clip_by_site", {}).items():
+            rows.append((f"act clip {point}", f"{c['mean']:.3f} ({c['min']:.3f}-{c['max']:.3f})"))
         for name, v in rows:
             if v is not None:
                 click.echo(f"  {name:<16}{v:>12.4f}" if isinstance(v, float) else

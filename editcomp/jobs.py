@@ -76,6 +76,8 @@ def quantize_job(model, config, out, calib=DEFAULT_CALIB, eval_text=DEFAULT_TEXT
                    peak_memory_mb=round(peak_memory_mb(next(ck.model.parameters()).device)))
     if report.get("losses"):
         metrics.update(kl_top_first=report["loss_first"], kl_top_last=report["loss_last"])
+    if "act_clip_by_site" in report:  # OSTQuant's learned clips (each module's is in its spec)
+        metrics["act_clip_by_site"] = report["act_clip_by_site"]
     entry = checkpoint.lineage_entry("quantize", config=report["config"], metrics=metrics,
                                      parent=ck, calib=str(calib) if calib_ids is not None else None,
                                      **(lineage_extra or {}))

@@ -100,14 +100,15 @@ def spread_gains(model):
     return model
 
 
-def folded_with_random_transforms(model, family: str, seed: int) -> OSTTransforms:
+def folded_with_random_transforms(model, family: str, seed: int,
+                                  act_clip: float | None = None) -> OSTTransforms:
     """Give ``model`` transforms far from the identity: a residual rotation on folded norms
     unless the family forbids it; then the norm gains stay (the functional norm weight is
     ``gain / s``, tested with ``spread_gains``)."""
     residual = family != "gemma3"
     if residual:
         fold_norms(model)
-    t = OSTTransforms(model, residual=residual, seed=seed)
+    t = OSTTransforms(model, residual=residual, seed=seed, act_clip=act_clip)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in t.parameters():
@@ -151,14 +152,80 @@ def test_activation_side_rotation_matches_weight_side(family):
     assert rel(act_side, weight_side) < 2e-3
 
 
+def test_learned_clips_act_on_every_quantized_input_in_both_training_paths():
+    """Each layer's learned clips (random here, about 0.5) clip the same inputs whether the
+    readers' inputs or their weights are rotated, and they do clip: near 1 the model differs."""
+    model = tiny_model("llama")
+    t = folded_with_random_transforms(model, "llama", seed=2, act_clip=0.9)
+    assert t.theta_clip.shape == (2, 4)
+    ids = torch.randint(3, 500, (2, 24))
+    bits = parse_bits("w8a8")
+    with torch.no_grad():
+        with ost._Training(model, bits, t, input_side=True) as tr:
+            weight_side = tr.logits(ids)
+        with ost._Training(model, bits, t) as tr:
+            act_side = tr.logits(ids)
+        t.theta_clip.fill_(30.0)  # clip 1 - 1e-13
+        with ost._Training(model, bits, t) as tr:
+            unclipped = tr.logits(ids)
+    assert rel(act_side, weight_side) < 2e-3
+    assert rel(unclipped, act_side) > 1e-2
+
+
+def test_learned_clips_reach_the_runtime_and_survive_a_reload(tmp_path):
+    """OSTQuant at 4-bit activations learns a clip per layer and input site; every quantized
+    linear then quantizes its input with its own site's clip, and the checkpoint keeps them."""
+    model = sharp_model()
+    ids = torch.randint(3, 500, (4, 64))
+    rep = quantize(model, QuantizeConfig(bits="w4a4kv4", method="ostquant", nsamples=4,
+                                         seq_len=64, ostquant=OSTQuantConfig(steps=4,
+                                                                             lr_clip=0.3)),
+                   ids, progress=False)
+    clips = rep["act_clips"]
+    assert len(clips) == 2 * 7 and len(set(clips.values())) > 1
+    assert all(abs(c - 0.9) > 1e-3 for c in clips.values())  # all moved from the fixed 0.9
+    layer = model.model.layers[1]
+    assert (layer.self_attn.q_proj.act_spec.clip_ratio == layer.self_attn.v_proj.act_spec.clip_ratio
+            == clips["model.layers.1.self_attn.q_proj"])
+    assert layer.mlp.down_proj.act_spec.clip_ratio == clips["model.layers.1.mlp.down_proj"]
+    assert set(rep["act_clip_by_site"]) == {"attn_in", "o_in", "mlp_in", "down_in"}
+    out = save_quantized(model, tiny_tokenizer(), tmp_path / "q",
+                         checkpoint.lineage_entry("quantize", config=rep["config"]))
+    q = checkpoint.load(out, device="cpu")
+    for name, m in q.model.named_modules():
+        if name in clips:
+            assert m.act_spec.clip_ratio == clips[name]
+    test = torch.randint(3, 500, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(q.model(test).logits, model(test).logits)
+
+
+def test_learned_clips_only_by_default_at_4_bit_activations():
+    model = sharp_model()
+    ids = torch.randint(3, 500, (2, 32))
+    for bits, learned in (("w4a4kv4", True), ("w4a8kv8", False), ("w4a16", False)):
+        report = ostquant_transform(sharp_model(), parse_bits(bits),
+                                    OSTQuantConfig(steps=1, train_seq_len=32), ids,
+                                    progress=False)
+        assert ("act_clips" in report) == learned, bits
+    report = ostquant_transform(model, parse_bits("w4a4kv4"),
+                                OSTQuantConfig(steps=1, train_seq_len=32, learn_clips=False),
+                                ids, progress=False)
+    assert "act_clips" not in report
+
+
 @pytest.mark.parametrize("bits", ["w4a4kv4", "w3a16"])
 def test_training_lowers_kl_top(bits):
     model = sharp_model()
     ids = torch.randint(3, 500, (1, 48))
     report = ostquant_transform(model, parse_bits(bits),
                                 OSTQuantConfig(steps=12, lr_rot=0.02, lr_scale=0.02,
-                                               train_seq_len=48), ids, progress=False)
-    losses = report["losses"]  # the same window every step: loss before each update
+                                               train_seq_len=48, learn_clips=False),
+                                ids, progress=False)
+    # the same window every step: loss before each update. Learned clips stay off: on this
+    # tiny model a clip change of 0.002 moves the loss by 30% either way (4-bit codes of a
+    # few dozen tokens flip), too noisy for a loss test; the clip tests above check their path
+    losses = report["losses"]
     assert losses[0] > 1e-3, "the test model must actually suffer from quantization"
     assert min(losses[-3:]) < 0.8 * losses[0]
 
@@ -284,6 +351,25 @@ def test_cli_ostquant_writes_a_reloadable_checkpoint(tiny_ckpt, text, tmp_path):
     assert q.history[-1]["config"]["ostquant"]["steps"] == 2
     with torch.no_grad():
         assert torch.isfinite(q.model(torch.randint(3, 400, (1, 16))).logits).all()
+
+
+@pytest.mark.parametrize("flag, learned", [((), True), (("--fixed-clips",), False)])
+def test_cli_reports_learned_clips_at_4_bit_activations(tiny_ckpt, text, tmp_path, flag,
+                                                        learned):
+    res = invoke(*base_args(tiny_ckpt, text, tmp_path / "q", "--bits", "w4a4kv4", "--json",
+                            *flag))
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ("act_clip_by_site" in r) == learned
+    clips = q_clips(tmp_path / "q")
+    assert len(clips) > 1 if learned else clips == {0.9}
+
+
+def q_clips(path) -> set:
+    """The activation clip ratios of a saved checkpoint's quantized linears."""
+    q = checkpoint.load(path, device="cpu")
+    return {m.act_spec.clip_ratio for m in q.model.modules()
+            if getattr(m, "act_spec", None) is not None}
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])

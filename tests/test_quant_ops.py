@@ -240,6 +240,24 @@ def test_fake_quant_learnable_scale_gets_lsq_gradient():
     assert torch.equal(xr.grad, (~clamped).float())  # clipped elements pass no gradient
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quant_tensor_clip_is_the_spec_clip_and_learns(symmetric):
+    """A tensor ``clip`` gives the values of ``spec.clip_ratio`` = that value, and its gradient
+    is the scale's LSQ gradient times d scale / d clip = scale / clip (the range is fixed)."""
+    spec = QuantSpec(4, "token", symmetric=symmetric)
+    x = _data((5, 64))
+    clip = torch.tensor(0.8, requires_grad=True)
+    out = fake_quant(x, spec, clip=clip)
+    assert torch.equal(out, fake_quant(x, spec.replace(clip_ratio=0.8)))
+    assert not torch.equal(out, fake_quant(x, spec))  # the clip is not ignored
+    out.sum().backward()
+    s0, z0 = compute_qparams(x, spec.replace(clip_ratio=0.8))
+    scale = s0.clone().requires_grad_(True)
+    fake_quant(x, spec, scale, z0).sum().backward()
+    assert torch.allclose(clip.grad, (scale.grad * s0 / 0.8).sum(), rtol=1e-4)
+    assert clip.grad.abs() > 0
+
+
 def test_fake_quant_bf16():
     spec = QuantSpec(4, "token", symmetric=False)
     x = _data((2, 4, 64)).to(torch.bfloat16).requires_grad_(True)

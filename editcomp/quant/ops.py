@@ -91,10 +91,12 @@ def _qparams_from_range(lo, hi, spec: QuantSpec, clip):
     return scale, torch.round(-lo / scale)
 
 
-def compute_qparams(x: torch.Tensor, spec: QuantSpec, dim: int = -1):
+def compute_qparams(x: torch.Tensor, spec: QuantSpec, dim: int = -1, clip=None):
     """Scale and zero point of ``x`` for ``spec``, in fp32 (see module doc for shapes).
 
     ``dim`` is the dimension one scale spans (reduced over); groups must lie along the last dim.
+    ``clip`` (a float or a tensor that broadcasts against the scales, e.g. a learnable scalar)
+    replaces ``spec.clip_ratio``.
     """
     xf = x.float()
     moved = spec.granularity != "tensor" and dim not in (-1, x.dim() - 1)
@@ -104,7 +106,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, dim: int = -1):
         xf = xf.movedim(dim, -1)
     rows = _rows(xf, spec)
     scale, zero = _qparams_from_range(rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True),
-                                      spec, spec.clip_ratio)
+                                      spec, spec.clip_ratio if clip is None else clip)
     scale, zero = _to_public(scale, xf, spec), _to_public(zero, xf, spec)
     if moved:
         scale, zero = scale.movedim(-1, dim), zero.movedim(-1, dim)
@@ -138,7 +140,7 @@ def _fake_rows(rows, s, z, spec: QuantSpec):
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
-               zero: torch.Tensor | None = None) -> torch.Tensor:
+               zero: torch.Tensor | None = None, clip=None) -> torch.Tensor:
     """Quantize-dequantize ``x`` with a straight-through gradient, returned in ``x``'s dtype.
 
     Without ``scale`` the qparams are computed from ``x`` (dynamic) and detached, so the
@@ -147,10 +149,12 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = No
     gradient). With a learnable
     ``scale`` the gradient reaches it as in LSQ: ``round(x/s) - x/s`` inside the range, the
     clamped code minus zero outside; elements clipped away get zero gradient w.r.t. ``x``.
+    A tensor ``clip`` (dynamic qparams only; it replaces ``spec.clip_ratio``) gets the same
+    LSQ gradient through the scale it multiplies: a learnable clipping threshold.
     Values equal ``dequantize(quantize(x))`` bit for bit.
     """
     if scale is None:
-        scale, zero = compute_qparams(x if _RANGE_GRAD.get() else x.detach(), spec)
+        scale, zero = compute_qparams(x if _RANGE_GRAD.get() else x.detach(), spec, clip=clip)
     elif zero is None:
         zero = torch.zeros_like(scale, dtype=torch.float32)
     rows = _rows(x.float(), spec)

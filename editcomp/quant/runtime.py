@@ -346,6 +346,19 @@ def add_act_quant(model: nn.Module, act_spec: QuantSpec, skip=("lm_head",)) -> n
     return model
 
 
+def set_act_clips(model: nn.Module, clips: dict[str, float]) -> nn.Module:
+    """Give each named ``QuantLinear`` its own activation clipping ratio (OSTQuant's learned
+    clips), in place. A name that is not a quantized linear with quantized inputs is an error."""
+    qls = quant_linears(model)
+    for name, clip in clips.items():
+        q = qls.get(name)
+        if q is None or q.act_spec is None:
+            raise ConfigError(f"activation clip given for {name!r}, which is not a quantized "
+                              f"linear with quantized activations")
+        q.act_spec = q.act_spec.replace(clip_ratio=float(clip))
+    return model
+
+
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> every ``QuantLinear`` in the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
