@@ -142,14 +142,20 @@ def test_activation_side_rotation_matches_weight_side(family):
     model = tiny_model(family)
     t = folded_with_random_transforms(model, family, seed=2)
     ids = torch.randint(3, 500, (2, 24))
-    bits = parse_bits("w8a8")
-    with torch.no_grad():
-        with ost._Training(model, bits, t, input_side=True) as tr:
-            weight_side = tr.logits(ids)
-        with ost._Training(model, bits, t) as tr:
-            assert not tr.input_side
-            act_side = tr.logits(ids)
+    weight_side, act_side = both_training_paths(model, t, ids)
     assert rel(act_side, weight_side) < 2e-3
+
+
+@torch.no_grad()
+def both_training_paths(model, t: OSTTransforms, ids):
+    """W8A8 training logits with the weights rotated, then with the readers' inputs rotated."""
+    bits = parse_bits("w8a8")
+    with ost._Training(model, bits, t, input_side=True) as tr:
+        weight_side = tr.logits(ids)
+    with ost._Training(model, bits, t) as tr:
+        assert not tr.input_side
+        act_side = tr.logits(ids)
+    return weight_side, act_side
 
 
 def test_learned_clips_act_on_every_quantized_input_in_both_training_paths():
@@ -159,15 +165,10 @@ def test_learned_clips_act_on_every_quantized_input_in_both_training_paths():
     t = folded_with_random_transforms(model, "llama", seed=2, act_clip=0.9)
     assert t.theta_clip.shape == (2, 4)
     ids = torch.randint(3, 500, (2, 24))
-    bits = parse_bits("w8a8")
+    weight_side, act_side = both_training_paths(model, t, ids)
     with torch.no_grad():
-        with ost._Training(model, bits, t, input_side=True) as tr:
-            weight_side = tr.logits(ids)
-        with ost._Training(model, bits, t) as tr:
-            act_side = tr.logits(ids)
         t.theta_clip.fill_(30.0)  # clip 1 - 1e-13
-        with ost._Training(model, bits, t) as tr:
-            unclipped = tr.logits(ids)
+        _, unclipped = both_training_paths(model, t, ids)
     assert rel(act_side, weight_side) < 2e-3
     assert rel(unclipped, act_side) > 1e-2
 

@@ -69,6 +69,7 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 #: each; q/k/v and gate/up read the same normed input)
 CLIP_SITES = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"),
               "down_in": ("down",)}
+_SITE_INDEX = {site: j for j, site in enumerate(CLIP_SITES)}  # theta_clip's column of each
 _CLIP_INIT_MAX = 0.995  # sigmoid never reaches 1: a fixed clip of 1.0 starts just below it
 
 
@@ -220,7 +221,7 @@ class OSTTransforms(nn.Module):
         """Layer ``i``'s clipping ratio for input ``site`` (a scalar tensor), or None."""
         if self.theta_clip is None:
             return None
-        return torch.sigmoid(self.theta_clip[i, list(CLIP_SITES).index(site)])
+        return torch.sigmoid(self.theta_clip[i, _SITE_INDEX[site]])
 
     @torch.no_grad()
     def act_clips(self, model: nn.Module) -> dict[str, float]:
@@ -397,12 +398,7 @@ class _ClippedActQuant(ActQuant):
 
     def __init__(self, wrapped: ActQuant, get):
         super().__init__(wrapped.linear, wrapped.act_spec, wrapped.hadamard_size)
-        self.get = get
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hadamard_size is not None:
-            x = apply_hadamard(x, self.hadamard_size)
-        return self.linear(fake_quant(x, self.act_spec, clip=self.get()))
+        self.clip = get
 
 
 class _Training:

@@ -244,10 +244,15 @@ class ActQuant(nn.Module):
         self.linear, self.act_spec = inner, act_spec
         self.hadamard_size = n if n is not None else hadamard_size
 
+    def clip(self):
+        """The clip ratio replacing ``act_spec.clip_ratio`` (None: the spec's; a learnable
+        tensor in OSTQuant's training)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hadamard_size is not None:
             x = apply_hadamard(x, self.hadamard_size)
-        return self.linear(fake_quant(x, self.act_spec))
+        return self.linear(fake_quant(x, self.act_spec, clip=self.clip()))
 
 
 # ---- whole models --------------------------------------------------------------------------
