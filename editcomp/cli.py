@@ -14,9 +14,8 @@ import time
 import click
 
 from editcomp import __version__
+from editcomp.defaults import DEFAULT_CALIB, DEFAULT_TEXT
 from editcomp.errors import EditcompError
-
-DEFAULT_TEXT = "../shared/data/wikitext-2/test.txt"
 
 
 class _Group(click.Group):
@@ -165,7 +164,6 @@ def eval_cmd(model, text, seq_len, max_windows, facts, langs, limit, offset, ref
 
 
 # -------------------------------------------------------------------------------- quantize
-DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 
 
 @cli.command("quantize")

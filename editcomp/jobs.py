@@ -13,11 +13,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from editcomp.defaults import DEFAULT_CALIB, DEFAULT_TEXT
 from editcomp.edit import FTLConfig, LAFNConfig
 from editcomp.errors import ConfigError, DataError, EditcompError
-
-DEFAULT_TEXT = "../shared/data/wikitext-2/test.txt"
-DEFAULT_CALIB = "../shared/data/wikitext-2/valid.txt"
 
 
 def _refuse_existing(out, force: bool) -> None:
