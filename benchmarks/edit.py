@@ -29,7 +29,8 @@ from editcomp import checkpoint  # noqa: E402
 from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import load_facts, token_windows  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
-from editcomp.edit.lafn import preservation_moments  # noqa: E402
+from editcomp.edit.lafn import (preservation_moments, sampled_questions,  # noqa: E402
+                                 with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
@@ -122,12 +123,12 @@ def is_lafn(method) -> bool:
     return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
 
 
-def edit(method, model, tok, facts, langs, args, unrelated=None):
+def edit(method, model, tok, facts, langs, args, unrelated=None, questions=None):
     if is_lafn(method):
         config = lafn_config(method, args)
         preserve = moments_for(config, model, tok, args) if config.preserve_weight > 0 else None
         return lafn_edit(model, tok, facts, config, langs, progress=False,
-                         unrelated=unrelated, preserve=preserve)
+                         unrelated=unrelated, preserve=preserve, questions=questions)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
 
 
@@ -182,14 +183,18 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
             setup = 0.0
             if protocol in ("single", "cross"):
                 train_langs = langs if protocol == "single" else ["en"]
-                unrelated = None
+                unrelated = questions = None
                 if method != "ft-l":  # the unedited model's KL continuations, once for all edits
                     t0 = time.time()
-                    unrelated = unrelated_prompts(model, tok, train_langs, lafn_config(method, args))
+                    config = lafn_config(method, args)
+                    unrelated = unrelated_prompts(model, tok, train_langs, config)
+                    if config.risk_questions > 0:  # the pool a user's call samples once
+                        questions = with_answer_activations(
+                            model, tok, sampled_questions(model, tok, train_langs, config))
                     setup = time.time() - t0
                 for f in facts:
                     t0 = time.time()
-                    rep = edit(method, model, tok, [f], train_langs, args, unrelated)
+                    rep = edit(method, model, tok, [f], train_langs, args, unrelated, questions)
                     secs.append(time.time() - t0)
                     if method != "ft-l":
                         neurons.append(rep["neurons"]["total"])

@@ -486,7 +486,12 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
               help="lafn, facts edited together: unrelated questions per language that the "
                    "unedited model writes itself (sampled, seed 0) and whose answers, and "
                    "activations, the edit must keep; without them a batch leaks its targets into "
-                   "other questions' answers [default: 128; 0: off].")
+                   "other questions' answers; also the pool --risk-questions picks from "
+                   "[default: 128; 0: off].")
+@click.option("--risk-questions", default=None, type=int,
+              help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
+                   "questions, how many whose answers most excite the fact's located neurons "
+                   "join its KL term, where its edit would otherwise leak [default: 0].")
 @autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
@@ -496,7 +501,7 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             neighbors, batch_questions, autocast, report_file, force, device, dtype, as_json):
+             neighbors, batch_questions, risk_questions, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -510,13 +515,15 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
              "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
-                             or neighbors is not None or batch_questions is not None):
+                             or neighbors is not None or batch_questions is not None
+                             or risk_questions is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
-                            "--neighbors, --batch-questions and --preserve-text/--preserve-weight "
-                            "apply to --method lafn only")
+                            "--neighbors, --batch-questions, --risk-questions and "
+                            "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
-                                    ("batch_questions", batch_questions)) if v is not None}
+                                    ("batch_questions", batch_questions),
+                                    ("risk_questions", risk_questions)) if v is not None}
     lafn_extra["autocast"] = autocast
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,

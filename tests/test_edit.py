@@ -619,3 +619,76 @@ def test_nll_floor_stops_pushing_the_pairs_already_below_it(tok, fact):
     both, alone = one_step([low, high], floor), one_step([high], 0.0)
     assert both.abs().max() > 0 and torch.allclose(both, alone, atol=1e-6)
     assert one_step([low, high], float(gap[1]) + 1.0).abs().max() == 0
+
+
+def test_mean_activations_average_each_sequence_over_its_positions(tok):
+    """Batch by batch, padded: sequence k's row is the mean of |activation| at its positions."""
+    from editcomp.edit.locate import activations_at, mean_activations
+    runner = ModelRunner(tiny_model(), tok)
+    seqs = [tok(t)["input_ids"] for t in ("The capital of France is Paris", "Hello",
+                                          "Wer schrieb das Buch?")]
+    positions = [[1, 3, 5], [0], [2, 4]]
+    got = mean_activations(runner, seqs, positions, batch_size=2)
+    for k, (s, pos) in enumerate(zip(seqs, positions)):
+        want = activations_at(runner, [s], [pos]).mean(1)
+        torch.testing.assert_close(got[:, k], want, rtol=1e-5, atol=1e-6)
+
+
+def _pool(acts):
+    from editcomp.edit.lafn import UnrelatedPrompts
+    n = acts.shape[1]
+    return UnrelatedPrompts(tuple(f"q{k}?" for k in range(n)), tuple((k,) for k in range(n)),
+                            (0,) * n, ("en",), acts)
+
+
+def test_riskiest_ranks_the_pool_by_the_located_neurons_answer_activations():
+    """Only the located neurons count, each layer weighted by its deltas' scale."""
+    from editcomp.edit.lafn import riskiest
+    acts = torch.zeros(2, 4, 6)
+    acts[1, 2, [2, 3]] = 1.0     # q2: both located neurons of layer 1
+    acts[1, 0, 2] = 0.5          # q0: one of them, half as much
+    acts[1, 3, 5] = 9.0          # q3: a neuron that is not located
+    acts[0, 1, 0] = 0.3          # q1: layer 0's located neuron
+    pool = _pool(acts)
+    assert riskiest(pool, {1: [2, 3]}, 2) == [2, 0]
+    assert riskiest(pool, {0: [0], 1: [2, 3]}, 2) == [2, 0]
+    assert riskiest(pool, {0: [0], 1: [2, 3]}, 1, weight={0: 10.0, 1: 1.0}) == [1]
+    assert riskiest(pool, {1: [2, 3]}, 9)[:2] == [2, 0]  # n above the pool: all of it
+    with pytest.raises(ValueError, match="with_answer_activations"):
+        riskiest(replace(pool, answer_acts=None), {1: [2]}, 1)
+
+
+def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeypatch):
+    """Single edits add the pool's riskiest questions (never one naming the subject) after the
+    unrelated prompts; batches and risk_questions=0 do not."""
+    import editcomp.edit.lafn as lafn_mod
+    from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
+    facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    subject = facts[0].langs["en"].subject
+    model = tiny_model("llama")
+    texts = ("Who painted the ceiling of the chapel?", "Who wrote the long novel?",
+             "Where is the old bridge?", f"Who built the {subject}?")
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None,
+                     risk_questions=2, batch_questions=0)
+    pool = with_answer_activations(model, tok, unrelated_prompts(
+        model, tok, ["en"], replace(cfg, kl_prompts=texts, kl_answers=False)))
+    assert pool.answer_acts.shape[:2] == (get_adapter(model).num_layers, 4)
+    seen = []
+    real = lafn_mod.build_batches
+
+    def spy(runner, pairs, kl_prompts, *args, **kwargs):
+        seen.append([list(p) for p in kl_prompts])
+        return real(runner, pairs, kl_prompts, *args, **kwargs)
+
+    monkeypatch.setattr(lafn_mod, "build_batches", spy)
+    single = lafn_edit(copy.deepcopy(model), tok, facts[:1], cfg, ["en"], progress=False,
+                       questions=pool)
+    risky = single["risk_prompts"]
+    assert len(risky) == 2 and set(risky) < set(texts[:3])
+    n_unrelated = len(single["kl_prompts"])
+    assert seen[-1][n_unrelated:] == [list(pool.ids[texts.index(t)]) for t in risky]
+    off = lafn_edit(copy.deepcopy(model), tok, facts[:1], replace(cfg, risk_questions=0), ["en"],
+                    progress=False, questions=pool)
+    assert off["risk_prompts"] == [] and len(seen[-1]) == n_unrelated
+    batch = lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False, questions=pool)
+    assert batch["risk_prompts"] == []

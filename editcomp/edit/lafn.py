@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
 from editcomp.device import check_autocast_mode, train_autocast, train_matmuls
-from editcomp.edit.locate import LocateConfig, activation_moments, run_and_locate
+from editcomp.edit.locate import (LocateConfig, activation_moments, mean_activations,
+                                  run_and_locate)
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.questions import names_a_subject, sample_questions
@@ -130,6 +131,10 @@ class LAFNConfig:
     #                               other questions' answers (session 15: see questions.py)
     kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
     #                               into rotating groups (as ``kl_groups``)
+    risk_questions: int = 0       # a fact edited alone (single, --sequential): this many
+    #                               questions of the sampled pool (``batch_questions`` per
+    #                               language) join its KL term: those whose answers most excite
+    #                               its located neurons (``riskiest``), where its edit would leak
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -159,8 +164,9 @@ class LAFNConfig:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         if self.neighbors < 0:
             raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")
-        if self.batch_questions < 0:
-            raise ConfigError(f"batch_questions must be >= 0, got {self.batch_questions}")
+        for name in ("batch_questions", "risk_questions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "kl_groups", "preserve_windows", "preserve_seq_len",
                      "kl_per_step"):
             if getattr(self, name) < 1:
@@ -278,9 +284,11 @@ def _merge(groups: list[dict[int, list[int]]]) -> dict[int, list[int]]:
 
 
 def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, config: LAFNConfig,
-                progress: bool, preserve: dict | None = None) -> dict:
+                progress: bool, preserve: dict | None = None,
+                risk_pool: UnrelatedPrompts | None = None) -> dict:
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
-    unrelated prompt's own text ends (its continuation follows)."""
+    unrelated prompt's own text ends (its continuation follows). ``risk_pool``: questions with
+    ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term."""
     runner = ModelRunner(model, tokenizer)
     per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
                                                    kl_ids, kl_ends, progress)
@@ -289,17 +297,22 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
             if config.kl_weight > 0 else [])
     neurons = _merge(per_fact)
     if not neurons:
-        return {"locate": loc_report, "neighbor_prompts": near, "neurons": {}, "train": None,
-                "written": {}}
+        return {"locate": loc_report, "neighbor_prompts": near, "risk_prompts": [], "neurons": {},
+                "train": None, "written": {}}
     kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
+    deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
+                          preserve if config.preserve_weight > 0 else None)
+    risky = []
+    if risk_pool is not None and config.risk_questions > 0 and config.kl_weight > 0:
+        risky = riskiest(risk_pool, neurons, config.risk_questions,
+                         {layer: float(v) for layer, v in deltas.scale.items()})
+        kl_ids = kl_ids + [list(risk_pool.ids[k]) for k in risky]
     start = min(neurons)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
     # without a KL term the unrelated prompts only serve the location (no forward pass per step)
     kl_groups = max(config.kl_groups, -(-len(kl_ids) // config.kl_per_step))
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab)
-    deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
-                          preserve if config.preserve_weight > 0 else None)
 
     with frozen(model), deltas, train_autocast(runner.device, config.autocast):
         train = optimize(runner, batches, deltas.params(), start, config.steps,
@@ -311,6 +324,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          nll_floor=config.target_floor(len(facts)))
     written = deltas.write()
     return {"locate": loc_report, "neighbor_prompts": near,
+            "risk_prompts": [risk_pool.texts[k] for k in risky],
             "neurons": {str(k): len(v) for k, v in neurons.items()},
             "train": train, "written": {str(k): v for k, v in written.items()}, "start_layer": start}
 
@@ -323,6 +337,9 @@ class UnrelatedPrompts:
     ids: tuple[tuple[int, ...], ...]
     ends: tuple[int, ...]
     langs: tuple[str, ...]
+    #: ``[layers, n, intermediate]``: each prompt's mean |FFN activation| where its answer is
+    #: predicted (``with_answer_activations``), by which ``riskiest`` ranks them; None: not made
+    answer_acts: torch.Tensor | None = None
 
 
 def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None) -> UnrelatedPrompts:
@@ -351,11 +368,35 @@ def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None,
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs))
 
 
+def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts) -> UnrelatedPrompts:
+    """``prompts`` with ``answer_acts``: the unedited model's mean |FFN activation| over each
+    prompt's positions from its own last token on (they predict its answer and continuation,
+    where a locality probe is scored). Made once per unedited model, like the prompts."""
+    positions = [list(range(e, len(p))) for p, e in zip(prompts.ids, prompts.ends)]
+    acts = mean_activations(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
+                            positions)
+    return replace(prompts, answer_acts=acts)
+
+
+def riskiest(pool: UnrelatedPrompts, neurons: dict[int, list[int]], n: int,
+             weight: dict[int, float] | None = None) -> list[int]:
+    """The ``n`` pool prompts (indices) whose answers most excite ``neurons``: an edit adds
+    ``a_i * delta_i`` to the residual stream wherever neuron i fires, so these are the prompts it
+    changes most. ``weight``: a per-layer factor on the sum (the deltas' scale there)."""
+    if pool.answer_acts is None:
+        raise ValueError("the pool has no answer activations: make it with with_answer_activations")
+    score = torch.zeros(pool.answer_acts.shape[1])
+    for layer, idx in neurons.items():
+        score += pool.answer_acts[layer][:, idx].sum(1) * (weight or {}).get(layer, 1.0)
+    return score.topk(min(n, len(score))).indices.tolist()
+
+
 def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> UnrelatedPrompts:
     subjects = [fl.subject for f in facts for fl in f.langs.values()]
     rows = [k for k, t in enumerate(prompts.texts) if not names_a_subject(t, subjects)]
+    acts = prompts.answer_acts[:, rows] if prompts.answer_acts is not None else None
     return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
-                            tuple(prompts.ends[k] for k in rows), prompts.langs)
+                            tuple(prompts.ends[k] for k in rows), prompts.langs, acts)
 
 
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
@@ -406,7 +447,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     the edited columns' output on that text (weight ``config.preserve_weight``).
     ``questions``: ``sampled_questions`` of this unedited model, for facts edited together
     (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
-    prompts, and their tokens' moments the preservation text.
+    prompts, and their tokens' moments the preservation text. A fact edited alone takes the
+    ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
+    ``with_answer_activations`` to edit many facts from one pool).
     """
     config = config or LAFNConfig()
     config.validate()
@@ -430,13 +473,20 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             asked = preservation_moments(model, tokenizer, [list(p) for p in questions.ids], config)
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
+    risk_pool = None
+    if config.risk_questions > 0 and config.kl_weight > 0 and all(len(g) == 1 for g in groups):
+        if questions is None:
+            questions = sampled_questions(model, tokenizer, used_langs, config)
+        risk_pool = _without_subjects(questions, facts)
+        if risk_pool.answer_acts is None:
+            risk_pool = with_answer_activations(model, tokenizer, risk_pool)
     runs = []
     for g in tqdm(groups, desc="facts", unit="fact", disable=not progress or len(groups) < 2):
         sub_items = [it for it in items if it.fact in g]
         remap = {fi: j for j, fi in enumerate(g)}
         sub_items = [replace(it, fact=remap[it.fact]) for it in sub_items]
         runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, kl_ends,
-                                config, progress and len(groups) < 2, preserve))
+                                config, progress and len(groups) < 2, preserve, risk_pool))
     hist = [0] * get_adapter(model).num_layers
     per_fact = []
     for g, r in zip(groups, runs):
@@ -464,6 +514,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "kl_prompts": kl_texts,
         "sampled_questions": n_questions,
         "neighbor_prompts": [p for r in runs for p in r["neighbor_prompts"]],
+        "risk_prompts": [p for r in runs for p in r["risk_prompts"]],
         "train_matmuls": train_matmuls(param.device, config.autocast, param.dtype),
         "neurons": {
             "total": sum(counts),

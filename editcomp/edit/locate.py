@@ -109,6 +109,24 @@ def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[l
     return torch.stack([torch.cat(o) for o in out])
 
 
+def mean_activations(runner: ModelRunner, seqs: list[list[int]], positions: list[list[int]],
+                     batch_size: int = 16) -> torch.Tensor:
+    """Each sequence's mean |activation| of every FFN neuron over its ``positions`` ->
+    ``[layers, n, intermediate]`` (reduced batch by batch: a pool of hundreds of questions'
+    every position would not fit)."""
+    layers = [lp.index for lp in runner.adapter.layers()]
+    out: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+
+    def take(li, x, s, mask):
+        w = torch.zeros(x.shape[:2], device=x.device)
+        for i, pos in enumerate(positions[s:s + x.shape[0]]):
+            w[i, pos] = 1.0 / max(1, len(pos))
+        out[li].append(torch.einsum("bt,bti->bi", w, x.float().abs()).cpu())
+
+    _down_inputs(runner, seqs, layers, take, batch_size, "answer activations", False)
+    return torch.stack([torch.cat(out[li]) for li in layers])
+
+
 def activation_moments(runner: ModelRunner, seqs: list[list[int]], layers: list[int],
                        batch_size: int = 8, progress: bool = False) -> dict[int, torch.Tensor]:
     """Second moments ``C = X^T X / n`` of the FFN activations (down_proj's input, signed) over
