@@ -272,11 +272,9 @@ def mlp_down_outputs(model, tokenizer, seqs, layer):
     return box[0]
 
 
-def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, monkeypatch):
-    """The KL term gets every unrelated prompt and, after them, each neighbor prompt followed by
-    the unedited model's greedy continuation; the report names the neighbors."""
+def spy_kl_prompts(monkeypatch) -> list:
+    """A list that gets, for each LAFN training run, the KL term's prompts (token ids)."""
     import editcomp.edit.lafn as lafn_mod
-    model = confident(tiny_model())
     seen = []
     real = lafn_mod.build_batches
 
@@ -285,6 +283,14 @@ def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, m
         return real(runner, pairs, kl_prompts, *args, **kwargs)
 
     monkeypatch.setattr(lafn_mod, "build_batches", spy)
+    return seen
+
+
+def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, monkeypatch):
+    """The KL term gets every unrelated prompt and, after them, each neighbor prompt followed by
+    the unedited model's greedy continuation; the report names the neighbors."""
+    model = confident(tiny_model())
+    seen = spy_kl_prompts(monkeypatch)
     cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, generic_share=None,
                                          form_share=None), steps=1, kl_continuation=3,
                      neighbors=2)
@@ -661,7 +667,6 @@ def test_riskiest_ranks_the_pool_by_the_located_neurons_answer_activations():
 def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeypatch):
     """Single edits add the pool's riskiest questions (never one naming the subject) after the
     unrelated prompts; batches and risk_questions=0 do not."""
-    import editcomp.edit.lafn as lafn_mod
     from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
     facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     subject = facts[0].langs["en"].subject
@@ -673,14 +678,7 @@ def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeyp
     pool = with_answer_activations(model, tok, unrelated_prompts(
         model, tok, ["en"], replace(cfg, kl_prompts=texts, kl_answers=False)))
     assert pool.answer_acts.shape[:2] == (get_adapter(model).num_layers, 4)
-    seen = []
-    real = lafn_mod.build_batches
-
-    def spy(runner, pairs, kl_prompts, *args, **kwargs):
-        seen.append([list(p) for p in kl_prompts])
-        return real(runner, pairs, kl_prompts, *args, **kwargs)
-
-    monkeypatch.setattr(lafn_mod, "build_batches", spy)
+    seen = spy_kl_prompts(monkeypatch)
     single = lafn_edit(copy.deepcopy(model), tok, facts[:1], cfg, ["en"], progress=False,
                        questions=pool)
     risky = single["risk_prompts"]
