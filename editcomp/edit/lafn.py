@@ -137,7 +137,8 @@ class LAFNConfig:
     #                               its located neurons (``riskiest``), where its edit would leak.
     #                               gemma3-270m, 20 single edits each of en+de / en+zh, 0 -> 8:
     #                               locality en/de 0.930/0.963 -> 0.958/0.969, en/zh 0.930/0.834
-    #                               -> 0.929/0.899; generality -0.01 to -0.04; 5.2-5.8 -> 9.1 s
+    #                               -> 0.929/0.899 (de/fr/es/zh rows: mean 0.914 -> 0.936);
+    #                               generality -0.01 to -0.04; 5.2-6.5 -> 9.1-11.1 s
     #                               per edit, plus ~300 s to sample the pool once per call. Off
     #                               by default for that cost: a one-fact call would pay it whole
 
