@@ -294,7 +294,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                 risk_pool: UnrelatedPrompts | None = None) -> dict:
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
     unrelated prompt's own text ends (its continuation follows). ``risk_pool``: questions with
-    ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term."""
+    ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term (given
+    only when that applies)."""
     runner = ModelRunner(model, tokenizer)
     per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
                                                    kl_ids, kl_ends, progress)
@@ -309,7 +310,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
                           preserve if config.preserve_weight > 0 else None)
     risky = []
-    if risk_pool is not None and config.risk_questions > 0 and config.kl_weight > 0:
+    if risk_pool is not None:
         risky = riskiest(risk_pool, neurons, config.risk_questions,
                          {layer: float(v) for layer, v in deltas.scale.items()})
         kl_ids = kl_ids + [list(risk_pool.ids[k]) for k in risky]
@@ -467,7 +468,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     kl_texts = list(unrelated.texts)
     kl_ids, kl_ends = [list(p) for p in unrelated.ids], list(unrelated.ends)
     n_questions = 0
-    if len(facts) > 1 and not config.sequential and config.batch_questions > 0:
+    alone = len(facts) == 1 or config.sequential  # each fact trained by itself
+    if not alone and config.batch_questions > 0:
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         questions = _without_subjects(questions, facts)
@@ -480,7 +482,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
-    if config.risk_questions > 0 and config.kl_weight > 0 and all(len(g) == 1 for g in groups):
+    if alone and config.risk_questions > 0 and config.kl_weight > 0:
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         risk_pool = _without_subjects(questions, facts)

@@ -116,12 +116,16 @@ def mean_activations(runner: ModelRunner, seqs: list[list[int]], positions: list
     every position would not fit)."""
     layers = [lp.index for lp in runner.adapter.layers()]
     out: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+    weights: dict[int, torch.Tensor] = {}  # batch start -> [b, T]: 1/len at each position
 
     def take(li, x, s, mask):
-        w = torch.zeros(x.shape[:2], device=x.device)
-        for i, pos in enumerate(positions[s:s + x.shape[0]]):
-            w[i, pos] = 1.0 / max(1, len(pos))
-        out[li].append(torch.einsum("bt,bti->bi", w, x.float().abs()).cpu())
+        if s not in weights:
+            w = torch.zeros(x.shape[:2], device=x.device)
+            for i, pos in enumerate(positions[s:s + x.shape[0]]):
+                w[i, pos] = 1.0 / max(1, len(pos))
+            weights.clear()
+            weights[s] = w
+        out[li].append(torch.einsum("bt,bti->bi", weights[s], x.float().abs()).cpu())
 
     _down_inputs(runner, seqs, layers, take, batch_size, "answer activations", False)
     return torch.stack([torch.cat(out[li]) for li in layers])

@@ -561,7 +561,7 @@ def ostquant(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig, calib: to
     """The whole method: learned transforms (``ostquant_transform``), then GPTQ weights (MSE
     clip search, ``damp``) and the quantized runtime (lm_head in full precision; the Q/K
     Hadamard when the KV cache is quantized). Returns the report."""
-    from editcomp.quant.runtime import quantize_model, set_act_clips
+    from editcomp.quant.runtime import quantize_model
     from editcomp.quant.weights import gptq_weights
 
     check_rotation(model, "ostquant", bits)
@@ -569,8 +569,8 @@ def ostquant(model: nn.Module, bits: BitsSpec, config: OSTQuantConfig, calib: to
     device = next(model.parameters()).device
     codes = gptq_weights(model, bits.weight, calib.to(device), damp=damp, mse_clip=True,
                          progress=progress)
-    quantize_model(model, bits, weights=codes, qk_hadamard=bits.kv is not None)
-    set_act_clips(model, report.get("act_clips", {}))
+    quantize_model(model, bits, weights=codes, qk_hadamard=bits.kv is not None,
+                   act_clips=report.get("act_clips"))
     return report
 
 

@@ -18,7 +18,7 @@ from editcomp.quant.nupes import NUPESConfig
 from editcomp.quant.nupes_model import check_calibration, exponent_histogram, nupes_weights
 from editcomp.quant.ostquant import OSTQuantConfig, ostquant_transform
 from editcomp.quant.qsur import layer_qsur
-from editcomp.quant.runtime import quantize_model, set_act_clips
+from editcomp.quant.runtime import quantize_model
 from editcomp.quant.spec import parse_bits
 from editcomp.quant.transforms import check_rotation, quarot
 from editcomp.quant.weights import gptq_weights, rtn_weights
@@ -204,7 +204,7 @@ def quantize(model, config: QuantizeConfig, calib: torch.Tensor | None = None,
         codes = gptq_weights(model, bits.weight, calib.to(device), damp=config.damp,
                              mse_clip=config.mse_clip, progress=progress)
     qk_hadamard = config.method == "quarot" or (config.method == "ostquant" and bits.kv is not None)
-    quantize_model(model, bits, weights=codes, qk_hadamard=qk_hadamard, kind=kind)
-    set_act_clips(model, report.get("act_clips", {}))  # OSTQuant's learned clips, if any
+    quantize_model(model, bits, weights=codes, qk_hadamard=qk_hadamard, kind=kind,
+                   act_clips=report.get("act_clips"))  # OSTQuant's learned clips, if any
     report["seconds"] = time.time() - t0
     return report

@@ -291,7 +291,8 @@ def _unwrap(module) -> tuple[nn.Module, int | None]:
 
 def quantize_model(model: nn.Module, bits: BitsSpec, weights: dict | None = None,
                    skip=("lm_head",), qk_hadamard: bool | None = None,
-                   mse_clip: bool = False, kind: str = "uniform") -> nn.Module:
+                   mse_clip: bool = False, kind: str = "uniform",
+                   act_clips: dict[str, float] | None = None) -> nn.Module:
     """Replace every decoder linear by a ``QuantLinear`` (in place) and return the model.
 
     ``weights``: module name -> ``(codes, scale, zero)`` (e.g. from GPTQ; ``(W_hat, ...)`` also
@@ -300,6 +301,7 @@ def quantize_model(model: nn.Module, bits: BitsSpec, weights: dict | None = None
     wrappers are absorbed. When ``bits.kv`` is set the KV cache is quantized too; ``qk_hadamard``
     None keeps the model's current Q/K Hadamard setting (off if none). ``kind`` picks the
     registered ``QuantLinear`` subclass (``nupes``, ``nf4`` ...) that ``weights`` are for.
+    ``act_clips``: module name -> its own activation clipping ratio (``set_act_clips``).
     """
     if kind not in LINEAR_KINDS:
         raise ConfigError(f"unknown quantized linear kind {kind!r}; known: "
@@ -334,7 +336,7 @@ def quantize_model(model: nn.Module, bits: BitsSpec, weights: dict | None = None
         enable_kv_quant(model, bits.kv, qk_hadamard=had)
     elif qk_hadamard:
         enable_kv_quant(model, None, qk_hadamard=True)
-    return model
+    return set_act_clips(model, act_clips or {})
 
 
 def add_act_quant(model: nn.Module, act_spec: QuantSpec, skip=("lm_head",)) -> nn.Module:
