@@ -1,0 +1,128 @@
+"""Where does a LAFN batch edit leak? The unedited vs edited next-token distributions at the answer
+positions of three kinds of unrelated questions:
+
+- ``loc``: the BMIKE-53 locality probes (teacher-forced on their gold answers; what the benchmark's
+  locality scores);
+- ``kl``: the sampled questions the edit's KL term trained on (with the unedited model's greedy
+  answers);
+- ``held``: as many questions sampled with another seed, never trained on (the same form as ``kl``).
+
+Per kind: KL(unedited || edited) per answer position, the share of positions whose argmax is
+unchanged, the share of the changed ones that now predict a token of an edit target, the tokens
+they flip to, and where in the answer they flip. If ``held`` is kept about as well as ``kl`` while
+``loc`` is not, the KL term generalizes to questions like its own but not to the probes.
+
+    python benchmarks/edit_leak.py --model gemma3-270m --lang de --cases 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from editcomp import checkpoint  # noqa: E402
+from editcomp.data import load_facts  # noqa: E402
+from editcomp.edit import LAFNConfig, lafn_edit  # noqa: E402
+from editcomp.edit.lafn import preservation_moments, sampled_questions  # noqa: E402
+from editcomp.edit.runner import pad_id, right_pad  # noqa: E402
+from editcomp.eval.edit_metrics import encode_prompt_target  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+
+def probe_positions(tok, facts, langs) -> list[tuple[list[int], list[int]]]:
+    """The locality probes: (prompt + gold answer ids, the positions predicting the answer)."""
+    out = []
+    for f in facts:
+        for lang in langs:
+            for probe in f.langs[lang].locality:
+                p, a = encode_prompt_target(tok, probe.prompt, probe.answer, lang)
+                out.append((list(p) + list(a), list(range(len(p) - 1, len(p) + len(a) - 1))))
+    return out
+
+
+def question_positions(pool, skip=()) -> list[tuple[list[int], list[int]]]:
+    """Sampled questions: (ids with the greedy answer, the positions from the question's last token)."""
+    return [(list(ids), list(range(end, len(ids) - 1)))
+            for ids, end, text in zip(pool.ids, pool.ends, pool.texts) if text not in skip]
+
+
+@torch.no_grad()
+def log_probs(model, tok, items, batch_size: int = 16) -> list[torch.Tensor]:
+    out = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        ids, mask = right_pad([c[0] for c in chunk], pad_id(tok), "cpu")
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        out += [torch.log_softmax(logits[i, c[1]], -1) for i, c in enumerate(chunk)]
+    return out
+
+
+def compare(tok, before, after, targets: set[int]) -> dict:
+    kl, same, to_target, n = 0.0, 0, 0, 0
+    flipped_to, where = collections.Counter(), collections.Counter()
+    for b, a in zip(before, after):
+        kl += float((b.exp() * (b - a)).sum())
+        for j, (x, y) in enumerate(zip(b.argmax(-1).tolist(), a.argmax(-1).tolist())):
+            n += 1
+            if x == y:
+                same += 1
+                continue
+            to_target += y in targets
+            flipped_to[tok.decode([y])] += 1
+            where[min(j, 3)] += 1
+    changed = max(1, n - same)
+    return {"positions": n, "kl_per_position": kl / n, "argmax_kept": same / n,
+            "flips_to_a_target": to_target / changed,
+            "flipped_to": flipped_to.most_common(12),
+            "flips_by_answer_position": {("3+" if k == 3 else str(k)): v
+                                         for k, v in sorted(where.items())}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--lang", default="de")
+    ap.add_argument("--cases", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"edit_leak_{args.model}_{args.lang}.json")
+    t0 = time.time()
+    ck = checkpoint.load(args.model, device="cpu", dtype="fp32")
+    model, tok = ck.model, ck.tokenizer
+    langs = ["en", args.lang]
+    facts = load_facts(DATA / "bmike53-zsre" / f"zsre_test_{args.lang}.json", langs=langs,
+                       limit=args.cases, skip_missing_langs=True)
+    config = LAFNConfig()
+    trained = sampled_questions(model, tok, langs, config)
+    held = sampled_questions(model, tok, langs, config, seed=1)
+    preserve = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt", config)
+    kinds = {"loc": probe_positions(tok, facts, langs), "kl": question_positions(trained),
+             "held": question_positions(held, skip=set(trained.texts))}
+    before = {k: log_probs(model, tok, v) for k, v in kinds.items()}
+    report = lafn_edit(model, tok, facts, config, langs, progress=True, preserve=preserve,
+                       questions=trained)
+    after = {k: log_probs(model, tok, v) for k, v in kinds.items()}
+    targets = {t for f in facts for lang in langs
+               for t in encode_prompt_target(tok, f.langs[lang].prompt, f.langs[lang].target, lang)[1]}
+    result = {k: compare(tok, before[k], after[k], targets) for k in kinds}
+    for k, r in result.items():
+        print(f"{k:5s} positions {r['positions']:5d}  KL/position {r['kl_per_position']:.3f}  "
+              f"argmax kept {r['argmax_kept']:.3f}  flips to a target {r['flips_to_a_target']:.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "edit_seconds": report["seconds"],
+                               "losses": report["losses"], "kinds": result,
+                               "wall_seconds": time.time() - t0}, indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
