@@ -33,8 +33,8 @@ from editcomp import checkpoint  # noqa: E402
 from editcomp.data import load_facts  # noqa: E402
 from editcomp.edit import LAFNConfig, lafn_edit  # noqa: E402
 from editcomp.edit.lafn import preservation_moments, sampled_questions  # noqa: E402
-from editcomp.edit.runner import pad_id, right_pad  # noqa: E402
-from editcomp.eval.edit_metrics import encode_prompt_target  # noqa: E402
+from editcomp.edit.runner import ModelRunner, gather_positions, right_pad  # noqa: E402
+from editcomp.eval.edit_metrics import encode_prompt_target, target_token_ids  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -57,13 +57,16 @@ def question_positions(pool, skip=()) -> list[tuple[list[int], list[int]]]:
 
 
 @torch.no_grad()
-def log_probs(model, tok, items, batch_size: int = 16) -> list[torch.Tensor]:
+def log_probs(runner: ModelRunner, items, batch_size: int = 16) -> list[torch.Tensor]:
+    """Each item's next-token log-probs at its positions (the output layer runs only there)."""
     out = []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        ids, mask = right_pad([c[0] for c in chunk], pad_id(tok), "cpu")
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        out += [torch.log_softmax(logits[i, c[1]], -1) for i, c in enumerate(chunk)]
+        ids, mask = right_pad([c[0] for c in chunk], runner.pad, runner.device)
+        rows = [i for i, c in enumerate(chunk) for _ in c[1]]
+        cols = [j for c in chunk for j in c[1]]
+        logp = torch.log_softmax(runner.head(gather_positions(runner.hidden(ids, mask), rows, cols)), -1)
+        out += list(logp.cpu().split([len(c[1]) for c in chunk]))
     return out
 
 
@@ -108,12 +111,13 @@ def main():
     preserve = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt", config)
     kinds = {"loc": probe_positions(tok, facts, langs), "kl": question_positions(trained),
              "held": question_positions(held, skip=set(trained.texts))}
-    before = {k: log_probs(model, tok, v) for k, v in kinds.items()}
+    runner = ModelRunner(model, tok)
+    before = {k: log_probs(runner, v) for k, v in kinds.items()}
     report = lafn_edit(model, tok, facts, config, langs, progress=True, preserve=preserve,
                        questions=trained)
-    after = {k: log_probs(model, tok, v) for k, v in kinds.items()}
+    after = {k: log_probs(runner, v) for k, v in kinds.items()}
     targets = {t for f in facts for lang in langs
-               for t in encode_prompt_target(tok, f.langs[lang].prompt, f.langs[lang].target, lang)[1]}
+               for t in target_token_ids(tok, f.langs[lang].prompt, f.langs[lang].target, lang)}
     result = {k: compare(tok, before[k], after[k], targets) for k in kinds}
     for k, r in result.items():
         print(f"{k:5s} positions {r['positions']:5d}  KL/position {r['kl_per_position']:.3f}  "
