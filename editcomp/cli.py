@@ -492,6 +492,11 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
               help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
                    "questions, how many whose answers most excite the fact's located neurons "
                    "join its KL term, where its edit would otherwise leak [default: 0].")
+@click.option("--nll-floor", default=None, type=float,
+              help="lafn: a training pair whose target NLL is below this gets no further push: "
+                   "facts edited together reach their targets at different steps, and the ones "
+                   "done early would keep growing their margins, which leaks into other "
+                   "answers [default: 0 for a fact edited alone, 0.5 for facts edited together].")
 @autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
@@ -501,7 +506,8 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             neighbors, batch_questions, risk_questions, autocast, report_file, force, device, dtype, as_json):
+             neighbors, batch_questions, risk_questions, nll_floor, autocast, report_file, force,
+             device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -516,14 +522,15 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
-                             or risk_questions is not None):
+                             or risk_questions is not None or nll_floor is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
-                            "--neighbors, --batch-questions, --risk-questions and "
+                            "--neighbors, --batch-questions, --risk-questions, --nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
                                     ("batch_questions", batch_questions),
-                                    ("risk_questions", risk_questions)) if v is not None}
+                                    ("risk_questions", risk_questions),
+                                    ("nll_floor", nll_floor)) if v is not None}
     lafn_extra["autocast"] = autocast
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,
