@@ -13,8 +13,9 @@ from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_
                                    neighbor_prompts, template_paraphrases, training_items)
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
-from editcomp.edit.runner import ModelRunner, TrainBatch, gather_positions, right_pad
-from editcomp.errors import DataError
+from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, gather_positions,
+                                  right_pad, weights_held_as)
+from editcomp.errors import ConfigError, DataError
 from editcomp.eval.edit_metrics import edit_metrics, greedy_continuations
 from editcomp.tiny import tiny_model as _tiny_model
 
@@ -98,6 +99,47 @@ def test_truncated_forward_equals_the_full_model(tok):
         rows, cols = [0, 0, 1], [1, len(seqs[0]) - 1, len(seqs[1]) - 1]
         ours = runner.head(gather_positions(runner.hidden(ids, mask, 1, cached), rows, cols))
         torch.testing.assert_close(ours, full[rows, cols], rtol=1e-5, atol=1e-5)
+
+
+def test_the_eager_kernel_gives_the_same_logits_and_the_models_own_comes_back(tok):
+    for family in ("llama", "gemma3"):
+        model = tiny_model(family)
+        own = model.config._attn_implementation
+        assert own != "eager"
+        runner = ModelRunner(model, tok)
+        seqs = [tok("The capital of France is Paris")["input_ids"], tok("日本的首都是")["input_ids"]]
+        ids, mask = right_pad(seqs, runner.pad, runner.device)
+        ref = runner.hidden(ids, mask)
+        with attention_kernel(model, "eager"):
+            assert model.config._attn_implementation == "eager"
+            eager = runner.hidden(ids, mask)
+        assert model.config._attn_implementation == own
+        real = mask.bool()  # padded positions are not compared
+        torch.testing.assert_close(eager[real], ref[real], rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError), attention_kernel(model, "eager"):
+            raise RuntimeError("a failed step")
+        assert model.config._attn_implementation == own
+        with pytest.raises(ConfigError, match="no-such-kernel"), attention_kernel(model, "no-such-kernel"):
+            pass
+        assert model.config._attn_implementation == own
+
+
+def test_weights_held_in_bf16_give_the_autocast_result_and_the_originals_come_back(tok):
+    model = tiny_model("llama")
+    runner = ModelRunner(model, tok)
+    ids, mask = right_pad([tok("The capital of France is Paris")["input_ids"]], runner.pad, runner.device)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = runner.hidden(ids, mask)
+        with weights_held_as(runner, 1, torch.bfloat16):
+            held = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+            out = runner.hidden(ids, mask)
+    assert held and all(n.startswith("model.layers.") and not n.startswith("model.layers.0.")
+                        and "norm" not in n for n in held)
+    assert any(n.startswith("model.layers.1.mlp.down_proj") for n in held)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the very values autocast computes with
+    for n, p in model.named_parameters():  # the same parameter objects, bit-identical
+        assert p is before[n][0] and torch.equal(p, before[n][1])
 
 
 def test_templates_keep_the_prompt_and_follow_the_language():
@@ -517,6 +559,8 @@ def test_autocast_modes_resolve_and_a_bad_one_is_a_config_error():
         LAFNConfig(autocast="fp8").validate()
     with pytest.raises(ConfigError, match="unknown autocast mode"):
         autocast_dtype("cpu", "fp8")
+    with pytest.raises(ConfigError, match="attention must be a kernel name or None"):
+        LAFNConfig(attention="").validate()
 
 
 def _first_step_change(tok, facts, lr):

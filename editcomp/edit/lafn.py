@@ -15,7 +15,9 @@ columns; it costs a ``k x k`` product per step, no forward pass).
 
 The deltas act through forward hooks on ``down`` while they are learned (``out += x[..., idx] @ D``,
 which equals ``W[:, idx] += D.T``), and only the layers from the lowest edited one up are re-run per
-step (``TrainBatch.prepare`` caches the residual stream below), which keeps single edits cheap.
+step (``TrainBatch.prepare`` caches the residual stream below), which keeps single edits cheap; those
+steps run the eager attention kernel and, under bf16 autocast, hold bf16 copies of the re-run
+layers' weights (``runner.attention_kernel``, ``runner.weights_held_as``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
-from editcomp.device import check_autocast_mode, train_autocast, train_matmuls
+from editcomp.device import autocast_dtype, check_autocast_mode, train_autocast, train_matmuls
 from editcomp.edit.locate import (LocateConfig, activation_moments, mean_activations,
                                   run_and_locate)
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.questions import names_a_subject, sample_questions
-from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
+from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
+                                  weights_held_as)
 from editcomp.errors import ConfigError
 from editcomp.eval.edit_metrics import encode_prompt_target, greedy_continuations
 
@@ -121,6 +124,11 @@ class LAFNConfig:
     #                               gemma3-270m, 8 single de edits on this AVX512-BF16 CPU:
     #                               21.1 -> 16.2 s per edit, the same metrics but en generality
     #                               1.0 -> 0.975 (benchmarks/edit.py, lafn vs lafn-fp32)
+    attention: str | None = "eager"  # the attention kernel of the update steps (runner.
+    #                               attention_kernel; None: the model's own). 20 single de
+    #                               edits on this CPU, eager instead of sdpa: gemma3-270m 5.49
+    #                               -> 5.14 s per edit, smollm2-135m 11.39 -> 9.35, the same
+    #                               metrics to the third digit (benchmarks/results, session 21)
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
     batch_questions: int = 128    # facts edited together: this many unrelated questions per
@@ -178,6 +186,8 @@ class LAFNConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_autocast_mode(self.autocast)
+        if self.attention is not None and not (isinstance(self.attention, str) and self.attention):
+            raise ConfigError(f"attention must be a kernel name or None, got {self.attention!r}")
         if self.paraphrases < 0:
             raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
         for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor"):
@@ -321,7 +331,9 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab)
 
-    with frozen(model), deltas, train_autocast(runner.device, config.autocast):
+    with (frozen(model), deltas, attention_kernel(model, config.attention),
+          train_autocast(runner.device, config.autocast),
+          weights_held_as(runner, start, autocast_dtype(runner.device, config.autocast))):
         train = optimize(runner, batches, deltas.params(), start, config.steps,
                          config.learning_rate(len(facts)),
                          kl_weight=config.kl_weight,

@@ -283,6 +283,52 @@ def frozen(model):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def attention_kernel(model, name: str | None):
+    """The block runs ``model``'s attention with ``name`` ("eager", "sdpa", ...; None: unchanged).
+
+    An edit's update steps run a few hundred short tokens; there PyTorch's CPU flash-attention
+    backward costs ~5 ms a call and was a fifth of a smollm2-135m step, while the eager kernel's
+    small matmuls cost almost nothing. An unknown name is a ``ConfigError``."""
+    from editcomp.errors import ConfigError
+
+    old = getattr(model.config, "_attn_implementation", None)
+    if name is None or name == old:
+        yield
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"attention kernel {name!r}: {e}") from None
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+@contextlib.contextmanager
+def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
+    """For the block, the plain ``nn.Linear`` weights of layers ``>= start`` are ``dtype`` copies
+    (None: unchanged); the original parameters come back afterwards, untouched.
+
+    Under bf16 autocast every matmul casts its fp32 weight again, forward and backward (autocast
+    caches the casts of tensors that need a gradient only, and the model is frozen), so a step
+    of an edit re-reads and converts each re-run layer's weights several times. Holding bf16
+    copies gives the same results (autocast would compute with exactly these values)."""
+    swapped = []
+    try:
+        if dtype is not None:
+            for i in range(start, runner.adapter.num_layers):
+                for mod in runner.adapter.layer(i).module.modules():
+                    if type(mod) is nn.Linear and mod.weight.dtype != dtype:
+                        swapped.append((mod, mod.weight))
+                        mod.weight = nn.Parameter(mod.weight.detach().to(dtype), requires_grad=False)
+        yield
+    finally:
+        for mod, weight in swapped:
+            mod.weight = weight
+
+
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
                   kl_groups: int = 1, nll_vocab: int | None = None) -> list[TrainBatch]:
