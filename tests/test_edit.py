@@ -576,8 +576,16 @@ def _first_step_change(tok, facts, lr):
     return change, report
 
 
-def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok):
+def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok, monkeypatch):
+    """... and the eager attention kernel for one fact, the model's own for a batch."""
+    import editcomp.edit.lafn as lafn_mod
     from editcomp.edit.lafn import BATCH_LR, BATCH_NLL_FLOOR, SINGLE_LR
+    kernels = []
+
+    def spy(model, name):
+        kernels.append(name)
+        return attention_kernel(model, name)
+    monkeypatch.setattr(lafn_mod, "attention_kernel", spy)
     one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
     auto, rep = _first_step_change(tok, one, None)
     half, rep_half = _first_step_change(tok, one, SINGLE_LR / 2)
@@ -590,6 +598,11 @@ def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok)
     seq = lafn_edit(tiny_model("llama"), tok, two, LAFNConfig(sequential=True, steps=1,
                     locate=LocateConfig(min_layer=0.0, top_frac=0.05)), ["en"], progress=False)
     assert seq["learning_rate"] == SINGLE_LR and seq["nll_floor"] == 0.0  # one fact at a time
+    assert kernels == ["eager", "eager", None, "eager", "eager"]
+    assert rep["attention"] == seq["attention"] == "eager"
+    assert batch["attention"] == "the model's own"
+    assert LAFNConfig(attention="sdpa").attention_for(1) == "sdpa"
+    assert LAFNConfig(attention=None).attention_for(1) is None
 
 
 def test_keep_questions_keeps_new_questions_without_an_edited_subject():

@@ -16,8 +16,9 @@ columns; it costs a ``k x k`` product per step, no forward pass).
 The deltas act through forward hooks on ``down`` while they are learned (``out += x[..., idx] @ D``,
 which equals ``W[:, idx] += D.T``), and only the layers from the lowest edited one up are re-run per
 step (``TrainBatch.prepare`` caches the residual stream below), which keeps single edits cheap; those
-steps run the eager attention kernel and, under bf16 autocast, hold bf16 copies of the re-run
-layers' weights (``runner.attention_kernel``, ``runner.weights_held_as``).
+steps of a fact edited alone run the eager attention kernel and, under bf16 autocast, every edit's
+steps hold bf16 copies of the re-run layers' weights (``runner.attention_kernel``,
+``runner.weights_held_as``).
 """
 
 from __future__ import annotations
@@ -124,11 +125,9 @@ class LAFNConfig:
     #                               gemma3-270m, 8 single de edits on this AVX512-BF16 CPU:
     #                               21.1 -> 16.2 s per edit, the same metrics but en generality
     #                               1.0 -> 0.975 (benchmarks/edit.py, lafn vs lafn-fp32)
-    attention: str | None = "eager"  # the attention kernel of the update steps (runner.
-    #                               attention_kernel; None: the model's own). 20 single de
-    #                               edits on this CPU, eager instead of sdpa: gemma3-270m 5.49
-    #                               -> 5.14 s per edit, smollm2-135m 11.39 -> 9.35, the same
-    #                               metrics to the third digit (benchmarks/results, session 21)
+    attention: str | None = "auto"  # the attention kernel of the update steps (runner.
+    #                               attention_kernel; None: the model's own; "auto": see
+    #                               ``attention_for``)
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
     batch_questions: int = 128    # facts edited together: this many unrelated questions per
@@ -168,6 +167,18 @@ class LAFNConfig:
         if self.nll_floor is not None:
             return self.nll_floor
         return 0.0 if n_facts == 1 else BATCH_NLL_FLOOR
+
+    def attention_for(self, n_facts: int) -> str | None:
+        """The attention kernel for ``n_facts`` edited together: ``attention`` unless "auto";
+        "auto" is "eager" for one fact and the model's own for more. 20 single de edits on this
+        CPU, eager instead of sdpa: gemma3-270m 5.49 -> 5.14 s per edit, smollm2-135m 11.39 ->
+        9.35, the same metrics to the third digit. The de batch of 100 in bf16 autocast:
+        locality en/de 0.787/0.741 -> 0.751/0.696, generality 0.84/0.88 -> 0.89/0.92 (one run
+        each; eager rounds the attention scores to bf16, and 80 steps of 100 facts amplify
+        it), so a batch keeps the model's kernel (benchmarks/results/README.md, session 21)."""
+        if self.attention != "auto":
+            return self.attention
+        return "eager" if n_facts == 1 else None
 
     def validate(self) -> None:
         self.locate.validate()
@@ -331,7 +342,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab)
 
-    with (frozen(model), deltas, attention_kernel(model, config.attention),
+    with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),
           weights_held_as(runner, start, autocast_dtype(runner.device, config.autocast))):
         train = optimize(runner, batches, deltas.params(), start, config.steps,
@@ -527,6 +538,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "config": config.to_dict(),
         "mode": "sequential" if config.sequential else "batch",
         "learning_rate": config.learning_rate(group_size),
+        "attention": config.attention_for(group_size) or "the model's own",
         "nll_floor": config.target_floor(group_size),
         "facts": len(facts),
         "training_pairs": len(items),

@@ -293,7 +293,7 @@ def attention_kernel(model, name: str | None):
     from editcomp.errors import ConfigError
 
     old = getattr(model.config, "_attn_implementation", None)
-    if name is None or name == old:
+    if name is None or old is None or name == old:  # None: a model without a choice of kernel
         yield
         return
     try:
