@@ -5,7 +5,10 @@ positions of three kinds of unrelated questions:
   locality scores);
 - ``kl``: the sampled questions the edit's KL term trained on (with the unedited model's greedy
   answers);
-- ``held``: as many questions sampled with another seed, never trained on (the same form as ``kl``).
+- ``held``: as many questions sampled with another seed, never trained on (the same form as ``kl``);
+- ``loc_own``: the locality probes' questions with the unedited model's own greedy answer (as many
+  tokens as the gold one) instead of the gold answer: is it the probes' questions that the edit
+  moves, or the gold answers the model would not write itself?
 
 Per kind: KL(unedited || edited) per answer position, the share of positions whose argmax is
 unchanged, the share of the changed ones that now predict a token of an edit target, the tokens
@@ -34,7 +37,8 @@ from editcomp.data import load_facts  # noqa: E402
 from editcomp.edit import LAFNConfig, lafn_edit  # noqa: E402
 from editcomp.edit.lafn import preservation_moments, sampled_questions  # noqa: E402
 from editcomp.edit.runner import ModelRunner, gather_positions, right_pad  # noqa: E402
-from editcomp.eval.edit_metrics import encode_prompt_target, target_token_ids  # noqa: E402
+from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,  # noqa: E402
+                                        target_token_ids)
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -47,6 +51,19 @@ def probe_positions(tok, facts, langs) -> list[tuple[list[int], list[int]]]:
             for probe in f.langs[lang].locality:
                 p, a = encode_prompt_target(tok, probe.prompt, probe.answer, lang)
                 out.append((list(p) + list(a), list(range(len(p) - 1, len(p) + len(a) - 1))))
+    return out
+
+
+def own_answers(model, tok, probes) -> list[tuple[list[int], list[int]]]:
+    """``probes`` with each gold answer replaced by the unedited model's greedy continuation of
+    the question, as many tokens long; the same positions."""
+    prompts = [ids[:pos[0] + 1] for ids, pos in probes]
+    conts = greedy_continuations(model, tok, prompts, max(len(pos) for _, pos in probes))
+    out = []
+    for p, c, (_, pos) in zip(prompts, conts, probes):
+        n = min(len(pos), len(c))  # a continuation may end at EOS first
+        if n:
+            out.append((p + c[:n], pos[:n]))
     return out
 
 
@@ -109,8 +126,10 @@ def main():
     trained = sampled_questions(model, tok, langs, config)
     held = sampled_questions(model, tok, langs, config, seed=1)
     preserve = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt", config)
-    kinds = {"loc": probe_positions(tok, facts, langs), "kl": question_positions(trained),
-             "held": question_positions(held, skip=set(trained.texts))}
+    probes = probe_positions(tok, facts, langs)
+    kinds = {"loc": probes, "kl": question_positions(trained),
+             "held": question_positions(held, skip=set(trained.texts)),
+             "loc_own": own_answers(model, tok, probes)}
     runner = ModelRunner(model, tok)
     before = {k: log_probs(runner, v) for k, v in kinds.items()}
     report = lafn_edit(model, tok, facts, config, langs, progress=True, preserve=preserve,
