@@ -1,5 +1,5 @@
 """Where does a LAFN batch edit leak? The unedited vs edited next-token distributions at the answer
-positions of three kinds of unrelated questions:
+positions of four kinds of unrelated questions:
 
 - ``loc``: the BMIKE-53 locality probes (teacher-forced on their gold answers; what the benchmark's
   locality scores);
@@ -13,7 +13,9 @@ positions of three kinds of unrelated questions:
 Per kind: KL(unedited || edited) per answer position, the share of positions whose argmax is
 unchanged, the share of the changed ones that now predict a token of an edit target, the tokens
 they flip to, and where in the answer they flip. If ``held`` is kept about as well as ``kl`` while
-``loc`` is not, the KL term generalizes to questions like its own but not to the probes.
+``loc`` is not, the KL term generalizes to questions like its own but not to the probes; where
+``loc_own`` falls between them says how much of that is the probes' questions and how much their
+gold answers.
 
     python benchmarks/edit_leak.py --model gemma3-270m --lang de --cases 100
 """

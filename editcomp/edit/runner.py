@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from editcomp.arch import get_adapter
+from editcomp.errors import ConfigError, NumericalError
 from editcomp.eval.perplexity import model_device
 
 
@@ -290,8 +291,6 @@ def attention_kernel(model, name: str | None):
     An edit's update steps run a few hundred short tokens; there PyTorch's CPU flash-attention
     backward costs ~5 ms a call and was a fifth of a smollm2-135m step, while the eager kernel's
     small matmuls cost almost nothing. An unknown name is a ``ConfigError``."""
-    from editcomp.errors import ConfigError
-
     old = getattr(model.config, "_attn_implementation", None)
     if name is None or old is None or name == old:  # None: a model without a choice of kernel
         yield
@@ -365,8 +364,6 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
     is a ``NumericalError`` (the caller has written nothing yet).
     """
-    from editcomp.errors import NumericalError
-
     for b in batches:
         b.prepare(runner, start)
     opt = torch.optim.Adam(params, lr=lr)
