@@ -4,7 +4,8 @@ Each case = the English record + one other language (de, fr, zh, es). Protocols:
 - single: edit one case (both languages), measure it, restore the weights; seconds per edit (the
   unedited model's continuations of the KL prompts are made once per pair: ``setup_seconds``);
 - cross: edit with English only, measure both languages (does the edit cross over?);
-- batch: edit all cases of a language at once, measure, WikiText-2 perplexity before/after.
+- batch: edit all cases of a language at once, measure, WikiText-2 perplexity before/after (LAFN's
+  sampled questions are made once per language, ``setup_seconds``, outside seconds per edit).
 Locality compares with the unedited model's own answers (``locality_reference``). Metrics are the
 teacher-forced token accuracy (acc) and greedy exact match (em) of ``editcomp.eval.edit_metrics``.
 
@@ -27,8 +28,9 @@ sys.path.insert(0, str(REPO))
 
 from editcomp import checkpoint  # noqa: E402
 from editcomp.arch import get_adapter  # noqa: E402
-from editcomp.data import load_facts, token_windows  # noqa: E402
+from editcomp.data import load_facts, load_text, token_windows  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
+from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import (preservation_moments, sampled_questions,  # noqa: E402
                                  with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
@@ -123,12 +125,22 @@ def is_lafn(method) -> bool:
     return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
 
 
+def questions_for(config, model, tok, langs, args):
+    """The batch's sampled questions for ``config``, made once per languages and question
+    settings on the unedited model (``lafn_edit`` would sample them in each call)."""
+    key = (tuple(langs), config.batch_questions, config.kl_continuation)
+    if key not in args.questions:
+        args.questions[key] = sampled_questions(model, tok, langs, config)
+    return args.questions[key]
+
+
 def edit(method, model, tok, facts, langs, args, unrelated=None, questions=None):
     if is_lafn(method):
         config = lafn_config(method, args)
         preserve = moments_for(config, model, tok, args) if config.preserve_weight > 0 else None
         return lafn_edit(model, tok, facts, config, langs, progress=False,
-                         unrelated=unrelated, preserve=preserve, questions=questions)
+                         unrelated=unrelated, preserve=preserve, questions=questions,
+                         answer_spans=args.spans)
     return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
 
 
@@ -204,8 +216,13 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     restore(model, saved)
                 ppl_after = None
             else:
+                questions = None
+                if is_lafn(method) and lafn_config(method, args).batch_questions > 0:
+                    t0 = time.time()  # sampled once per language: a setup cost of each row
+                    questions = questions_for(lafn_config(method, args), model, tok, langs, args)
+                    setup = args.sampling_seconds.setdefault(langs[-1], time.time() - t0)
                 t0 = time.time()
-                rep = edit(method, model, tok, facts, langs, args)
+                rep = edit(method, model, tok, facts, langs, args, questions=questions)
                 secs.append(time.time() - t0)
                 if method != "ft-l":
                     neurons.append(rep["neurons"]["total"])
@@ -243,7 +260,7 @@ def fmt(v):
 
 def dump(rows, args):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in vars(args).items() if k != "moments"}
+    meta = {k: v for k, v in vars(args).items() if k not in ("moments", "questions", "spans")}
     Path(args.out).write_text(json.dumps({"args": meta, "rows": rows}, indent=2,
                                          ensure_ascii=False) + "\n")
 
@@ -292,7 +309,9 @@ def main():
                if args.ppl_windows and "batch" in args.protocols else None)
     ppl_before = perplexity(model, windows)["ppl"] if windows is not None else None
     # generic text for the preservation term, made before any edit (moments_for)
-    args.moments = {}
+    args.moments, args.questions, args.sampling_seconds = {}, {}, {}
+    # names and dates of the same text, the batch's foreign answers (LAFNConfig.foreign_answers)
+    args.spans = answer_spans(load_text(DATA / "wikitext-2" / "valid.txt"))
     for config in (lafn_config(m, args) for m in filter(is_lafn, args.methods)):
         if config.preserve_weight > 0:
             moments_for(config, model, tok, args)

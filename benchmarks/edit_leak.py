@@ -35,8 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from editcomp import checkpoint  # noqa: E402
-from editcomp.data import load_facts  # noqa: E402
+from editcomp.data import load_facts, load_text  # noqa: E402
 from editcomp.edit import LAFNConfig, lafn_edit  # noqa: E402
+from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import preservation_moments, sampled_questions  # noqa: E402
 from editcomp.edit.runner import ModelRunner, gather_positions, right_pad  # noqa: E402
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,  # noqa: E402
@@ -134,8 +135,9 @@ def main():
              "loc_own": own_answers(model, tok, probes)}
     runner = ModelRunner(model, tok)
     before = {k: log_probs(runner, v) for k, v in kinds.items()}
+    spans = answer_spans(load_text(DATA / "wikitext-2" / "valid.txt"))
     report = lafn_edit(model, tok, facts, config, langs, progress=True, preserve=preserve,
-                       questions=trained)
+                       questions=trained, answer_spans=spans)
     after = {k: log_probs(runner, v) for k, v in kinds.items()}
     targets = {t for f in facts for lang in langs
                for t in target_token_ids(tok, f.langs[lang].prompt, f.langs[lang].target, lang)}

@@ -474,7 +474,8 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
               help="lafn: generic text whose FFN activations the deltas must leave nearly "
                    "unchanged (16 windows of 256 tokens): keeps the edit off unrelated answers "
                    "where the located neurons also fire, and perplexity when many facts are "
-                   f"edited at once [default: {DEFAULT_CALIB}].")
+                   "edited at once; its names and dates are the foreign answers "
+                   f"(--foreign-answers) [default: {DEFAULT_CALIB}].")
 @click.option("--preserve-weight", default=None, type=float,
               help="lafn: weight of that term [default: 5; more for large batches; 0: off, no "
                    "text read].")
@@ -488,6 +489,11 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                    "activations, the edit must keep; without them a batch leaks its targets into "
                    "other questions' answers; also the pool --risk-questions picks from "
                    "[default: 128; 0: off].")
+@click.option("--foreign-answers", default=None, type=int,
+              help="lafn, facts edited together: each sampled question also joins the KL term "
+                   "this many times teacher-forced on a name or date from the --preserve-text "
+                   "text, an answer the model does not know, as the ones the batch leaks into "
+                   "[default: 1; 0: off].")
 @click.option("--risk-questions", default=None, type=int,
               help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
                    "questions, how many whose answers most excite the fact's located neurons "
@@ -506,8 +512,8 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             neighbors, batch_questions, risk_questions, nll_floor, autocast, report_file, force,
-             device, dtype, as_json):
+             neighbors, batch_questions, foreign_answers, risk_questions, nll_floor, autocast,
+             report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -522,13 +528,16 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
-                             or risk_questions is not None or nll_floor is not None):
+                             or foreign_answers is not None or risk_questions is not None
+                             or nll_floor is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
-                            "--neighbors, --batch-questions, --risk-questions, --nll-floor and "
+                            "--neighbors, --batch-questions, --foreign-answers, --risk-questions, "
+                            "--nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
                                     ("batch_questions", batch_questions),
+                                    ("foreign_answers", foreign_answers),
                                     ("risk_questions", risk_questions),
                                     ("nll_floor", nll_floor)) if v is not None}
     lafn_extra["autocast"] = autocast

@@ -126,8 +126,9 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     """Edit the facts of ``facts`` into ``model``; measure reliability / generality / locality /
     portability per language against the unedited model; save with the facts' sha256.
     ``preserve_text`` (lafn): generic text whose FFN activations the edit must keep changing
-    little (``lafn.preservation_moments``; WikiText-2 valid.txt by default). Read only when
-    ``config.lafn.preserve_weight > 0``; None: no preservation term."""
+    little (``lafn.preservation_moments``) and whose names and dates facts edited together take
+    as foreign answers (``answers.py``); WikiText-2 valid.txt by default. Read only where
+    ``config.lafn.uses_generic_text``; None: neither."""
     from editcomp import checkpoint
     from editcomp.data import facts_sha256, load_facts, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
@@ -135,14 +136,15 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     if isinstance(langs, str):
         langs = [s.strip() for s in langs.split(",") if s.strip()] or None
     fact_list = load_facts(facts, langs=langs, limit=limit, offset=offset)
-    if config.method != "lafn" or config.lafn.preserve_weight == 0:
+    if config.method != "lafn" or not config.lafn.uses_generic_text(len(fact_list)):
         preserve_text = None
     if preserve_text:  # missing or empty: say so before loading the model
         try:
             load_text(preserve_text)
         except DataError as e:
-            raise DataError(f"{e} (LAFN's preservation text: give another (--preserve-text), "
-                            "or edit without the term (preserve weight 0))") from None
+            raise DataError(f"{e} (LAFN's generic text: give another (--preserve-text), or edit "
+                            "without it: preserve weight 0 and, for facts edited together, "
+                            "foreign answers 0)") from None
     _refuse_existing(out, force)
     config.validate()
     method_config = config.method_config()
@@ -161,7 +163,8 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
         paraphrase_source=report["paraphrase_source"],
         # the KL term's prompts: hand-written, then any the model sampled (a batch's questions)
         **({"unrelated_prompts": {"texts": report["kl_prompts"],
-                                  "sampled_questions": report["sampled_questions"]}}
+                                  "sampled_questions": report["sampled_questions"],
+                                  "foreign_answers": report["foreign_answers"]}}
            if config.method == "lafn" else {}),
         **({"preserve_text": {"path": str(preserve_text), "sha256": facts_sha256(preserve_text)}}
            if preserve_text else {}),

@@ -747,3 +747,94 @@ def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeyp
     assert off["risk_prompts"] == [] and len(seen[-1]) == n_unrelated
     batch = lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False, questions=pool)
     assert batch["risk_prompts"] == []
+
+
+def test_answer_spans_are_names_and_dates_not_sentence_starts():
+    from editcomp.edit.answers import answer_spans
+    text = ("The Old Bridge was opened on 4 July 1944 by Mary Ann Lee . Rain Fell on the town "
+            "in 1950 , and The Times said so ; Paris is far .")
+    # "Rain Fell" starts a sentence; "The Old Bridge" and "The Times" start with a function word
+    assert answer_spans(text) == ["Mary Ann Lee", "4 July 1944", "1950"]
+    assert answer_spans("no capitals and no years here") == []
+
+
+def test_draw_answers_is_reproducible_and_needs_spans():
+    from editcomp.edit.answers import draw_answers
+    spans = ["Ada Lovelace", "1815", "Charles Babbage"]
+    drawn = draw_answers(spans, 50, seed=3)
+    assert drawn == draw_answers(spans, 50, seed=3) and set(drawn) == set(spans)
+    assert draw_answers(spans, 50, seed=4) != drawn
+    assert draw_answers([], 0) == []
+    with pytest.raises(ValueError, match="no names or dates"):
+        draw_answers([], 1)
+
+
+def test_foreign_answers_follow_each_question_where_its_own_answer_was(tok):
+    """Each foreign row is the question's tokens then the span's, exactly as the joined text
+    tokenizes (a zh question takes it without a space); its end is the question's last token;
+    the original rows come first, unchanged."""
+    from editcomp.edit.answers import draw_answers
+    from editcomp.edit.lafn import UnrelatedPrompts, with_foreign_answers
+    from editcomp.eval.edit_metrics import encode_prompt_target, join_prompt_target
+    texts = ("Who wrote the long novel?", "谁写了这本书？")
+    ids = tuple(tuple(tok(t)["input_ids"]) + (5, 6) for t in texts)
+    ends = tuple(len(tok(t)["input_ids"]) - 1 for t in texts)
+    questions = UnrelatedPrompts(texts, ids, ends, ("en", "zh"), row_langs=("en", "zh"))
+    spans = ["London", "Berlin", "1944"]
+    out = with_foreign_answers(tok, questions, spans, copies=2, seed=7)
+    assert out.texts[:2] == texts and out.ids[:2] == ids and out.ends[:2] == ends
+    assert len(out.texts) == 6 and out.row_langs == ("en", "zh") * 3 and out.answer_acts is None
+    for k, span in enumerate(draw_answers(spans, 4, seed=7)):
+        q, lang = texts[k % 2], ("en", "zh")[k % 2]
+        p, a = encode_prompt_target(tok, q, span, lang)
+        assert out.ids[2 + k] == tuple(p) + tuple(a) and out.ends[2 + k] == len(p) - 1
+        assert out.texts[2 + k] == join_prompt_target(q, span, lang)
+    assert out.texts[3].startswith("谁写了这本书？") and " " not in out.texts[3]
+    assert with_foreign_answers(tok, questions, spans, copies=0) is questions
+    with pytest.raises(ValueError, match="per-row languages"):
+        with_foreign_answers(tok, replace(questions, row_langs=None), spans)
+
+
+def test_a_batch_teacher_forces_its_questions_on_foreign_answers(tok, monkeypatch):
+    """Facts edited together add one foreign row per sampled question after them, dropping one
+    whose answer names an edited subject; a fact alone, no spans or foreign_answers=0 add none."""
+    from editcomp.edit.lafn import UnrelatedPrompts
+    facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    subject = facts[0].langs["en"].subject
+    model = tiny_model("llama")
+    texts = ("Who painted the ceiling of the chapel?", "Where is the old bridge?")
+    questions = UnrelatedPrompts(texts, tuple(tuple(tok(t)["input_ids"]) for t in texts),
+                                 tuple(len(tok(t)["input_ids"]) - 1 for t in texts), ("en",),
+                                 row_langs=("en", "en"))
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None)
+    seen = spy_kl_prompts(monkeypatch)
+    batch = lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False,
+                      questions=questions, answer_spans=["Ada Lovelace"])
+    assert batch["sampled_questions"] == 2 and batch["foreign_answers"] == 2
+    assert batch["kl_prompts"][-2:] == [f"{t} Ada Lovelace" for t in texts]
+    assert len(seen[-1]) == len(batch["kl_prompts"])
+    named = lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False,
+                      questions=questions, answer_spans=[subject])
+    assert named["foreign_answers"] == 0 and named["sampled_questions"] == 2
+    for kwargs, config in ((dict(answer_spans=None), cfg),
+                           (dict(answer_spans=["Ada Lovelace"]), replace(cfg, foreign_answers=0))):
+        off = lafn_edit(copy.deepcopy(model), tok, facts, config, ["en"], progress=False,
+                        questions=questions, **kwargs)
+        assert off["foreign_answers"] == 0 and off["sampled_questions"] == 2
+    single = lafn_edit(copy.deepcopy(model), tok, facts[:1], cfg, ["en"], progress=False,
+                       questions=questions, answer_spans=["Ada Lovelace"])
+    assert single["foreign_answers"] == 0
+    with pytest.warns(UserWarning, match="no names or dates"):
+        lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False,
+                  questions=questions, answer_spans=[])
+
+
+def test_generic_text_is_read_only_where_an_edit_uses_it():
+    cfg = LAFNConfig(preserve_weight=0.0)
+    assert cfg.uses_generic_text(2) and not cfg.uses_generic_text(1)
+    assert not replace(cfg, sequential=True).uses_generic_text(2)
+    assert not replace(cfg, foreign_answers=0).uses_generic_text(2)
+    assert not replace(cfg, batch_questions=0).uses_generic_text(2)
+    assert LAFNConfig().uses_generic_text(1)  # the preservation term's moments
+    with pytest.raises(ConfigError, match="foreign_answers must be >= 0"):
+        LAFNConfig(foreign_answers=-1).validate()

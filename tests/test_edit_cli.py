@@ -110,7 +110,32 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
                            "--method", "ft-l", "--nll-floor", "0.5"), "--nll-floor", "lafn only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
                            "--nll-floor", "-1"), "nll_floor must be >= 0")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
+                           "--method", "ft-l", "--foreign-answers", "1"), "--foreign-answers",
+                   "lafn only")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
+                           "--foreign-answers", "-1"), "foreign_answers must be >= 0")
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
+def test_a_batch_takes_foreign_answers_from_the_generic_text(tiny_ckpt, tmp_path, monkeypatch):
+    """Facts edited together read the generic text for its names and dates even without the
+    preservation term; the lineage names the text and counts the foreign answers, one per
+    sampled question (--foreign-answers 1)."""
+    text = _bad(tmp_path, "It was built in 1887 by Gustave Eiffel . " * 50, "names.txt")
+    monkeypatch.setattr("editcomp.edit.lafn.sample_questions",
+                        lambda model, tok, lang, n, seed=0: ["Who painted the ceiling?",
+                                                            "Where is the old bridge?"][:n])
+    out = tmp_path / "edited"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
+                  "--limit", "2", "--steps", "1", "--preserve-weight", "0", "--preserve-text",
+                  text, "--foreign-answers", "1", "--json")
+    assert res.exit_code == 0, res.output
+    last = checkpoint.load(out).lineage["history"][-1]
+    assert last["preserve_text"]["path"] == str(text)
+    prompts = last["unrelated_prompts"]
+    assert prompts["sampled_questions"] == 2 and prompts["foreign_answers"] == 2
+    assert all(t.endswith((" 1887", " Gustave Eiffel")) for t in prompts["texts"][-2:])
 
 
 def _bad(tmp_path, text, name="f.jsonl"):

@@ -24,6 +24,7 @@ steps hold bf16 copies of the re-run layers' weights (``runner.attention_kernel`
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
 from editcomp.device import autocast_dtype, check_autocast_mode, train_autocast, train_matmuls
+from editcomp.edit.answers import draw_answers
 from editcomp.edit.locate import (LocateConfig, activation_moments, mean_activations,
                                   run_and_locate)
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
@@ -41,7 +43,8 @@ from editcomp.edit.questions import names_a_subject, sample_questions
 from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
                                   weights_held_as)
 from editcomp.errors import ConfigError
-from editcomp.eval.edit_metrics import encode_prompt_target, greedy_continuations
+from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,
+                                        join_prompt_target)
 
 
 SINGLE_LR = 0.1   # LAFNConfig.learning_rate: one fact at a time
@@ -138,6 +141,11 @@ class LAFNConfig:
     #                               other questions' answers (session 15: see questions.py)
     kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
     #                               into rotating groups (as ``kl_groups``)
+    foreign_answers: int = 1      # facts edited together: each sampled question joins the KL
+    #                               term this many more times, teacher-forced on a name or date
+    #                               from the generic text (answers.py; lafn_edit's
+    #                               ``answer_spans``), like the locality probes' gold answers the
+    #                               model does not know; 0: off
     risk_questions: int = 0       # a fact edited alone (single, --sequential): this many
     #                               questions of the sampled pool (``batch_questions`` per
     #                               language) join its KL term: those whose answers most excite
@@ -180,6 +188,13 @@ class LAFNConfig:
             return self.attention
         return "eager" if n_facts == 1 else None
 
+    def uses_generic_text(self, n_facts: int) -> bool:
+        """Whether an edit of ``n_facts`` reads generic text: for the preservation term's
+        moments, or for the names and dates of facts edited together's foreign answers."""
+        together = n_facts > 1 and not self.sequential
+        return self.preserve_weight > 0 or (together and self.batch_questions > 0
+                                            and self.foreign_answers > 0 and self.kl_weight > 0)
+
     def validate(self) -> None:
         self.locate.validate()
         for name in ("kl_vocab", "nll_vocab"):
@@ -189,7 +204,7 @@ class LAFNConfig:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         if self.neighbors < 0:
             raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")
-        for name in ("batch_questions", "risk_questions"):
+        for name in ("batch_questions", "risk_questions", "foreign_answers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps", "batch_size", "kl_groups", "preserve_windows", "preserve_seq_len",
@@ -370,6 +385,8 @@ class UnrelatedPrompts:
     #: ``[layers, n, intermediate]``: each prompt's mean |FFN activation| where its answer is
     #: predicted (``with_answer_activations``), by which ``riskiest`` ranks them; None: not made
     answer_acts: torch.Tensor | None = None
+    #: each prompt's language (how an answer joins it: ``with_foreign_answers``); None: not kept
+    row_langs: tuple[str, ...] | None = None
 
 
 def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None) -> UnrelatedPrompts:
@@ -392,10 +409,38 @@ def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None,
     extra unrelated prompts. Made once per unedited model and languages, like
     ``unrelated_prompts``; ``lafn_edit`` drops those that name an edited subject."""
     config = config or LAFNConfig()
-    texts = [q for lang in dict.fromkeys(langs)
-             for q in sample_questions(model, tokenizer, lang, config.batch_questions, seed)]
+    rows = [(q, lang) for lang in dict.fromkeys(langs)
+            for q in sample_questions(model, tokenizer, lang, config.batch_questions, seed)]
+    texts = [q for q, _ in rows]
     ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation)
-    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs))
+    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
+                            row_langs=tuple(lang for _, lang in rows))
+
+
+def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str], copies: int = 1,
+                         seed: int = 0) -> UnrelatedPrompts:
+    """``questions`` and, after them, each question ``copies`` more times followed by a span drawn
+    from ``spans`` (``answers.answer_spans``) instead of the model's own answer: its end is the
+    question's last token, so the KL term covers the positions that predict and follow an
+    answer the model does not know (see answers.py). Needs ``row_langs`` (a zh question joins
+    its answer without a space); the result has no ``answer_acts``."""
+    if copies <= 0 or not questions.texts:
+        return questions
+    if questions.row_langs is None:
+        raise ValueError("the questions carry no per-row languages: make them with sampled_questions")
+    drawn = iter(draw_answers(spans, copies * len(questions.texts), seed))
+    texts, ids, ends, langs = (list(questions.texts), [list(p) for p in questions.ids],
+                               list(questions.ends), list(questions.row_langs))
+    for _ in range(copies):
+        for q, lang in zip(questions.texts, questions.row_langs):
+            span = next(drawn)
+            p, a = encode_prompt_target(tokenizer, q, span, lang)
+            texts.append(join_prompt_target(q, span, lang))
+            ids.append(list(p) + list(a))
+            ends.append(len(p) - 1)
+            langs.append(lang)
+    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends),
+                            questions.langs, row_langs=tuple(langs))
 
 
 def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts) -> UnrelatedPrompts:
@@ -425,8 +470,10 @@ def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> Unrelated
     subjects = [fl.subject for f in facts for fl in f.langs.values()]
     rows = [k for k, t in enumerate(prompts.texts) if not names_a_subject(t, subjects)]
     acts = prompts.answer_acts[:, rows] if prompts.answer_acts is not None else None
+    row_langs = (tuple(prompts.row_langs[k] for k in rows) if prompts.row_langs is not None
+                 else None)
     return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
-                            tuple(prompts.ends[k] for k in rows), prompts.langs, acts)
+                            tuple(prompts.ends[k] for k in rows), prompts.langs, acts, row_langs)
 
 
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
@@ -466,7 +513,8 @@ def preservation_moments(model, tokenizer, text, config: LAFNConfig | None = Non
 def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = None, langs=None,
               progress: bool = True, unrelated: UnrelatedPrompts | None = None,
               preserve: dict[int, torch.Tensor] | None = None,
-              questions: UnrelatedPrompts | None = None) -> dict:
+              questions: UnrelatedPrompts | None = None,
+              answer_spans: list[str] | None = None) -> dict:
     """Edit ``facts`` into ``model`` in place (only located down_proj columns change) -> report.
 
     All facts are located and trained together (batch), or one after another with
@@ -479,7 +527,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
     prompts, and their tokens' moments the preservation text. A fact edited alone takes the
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
-    ``with_answer_activations`` to edit many facts from one pool).
+    ``with_answer_activations`` to edit many facts from one pool). ``answer_spans``: names and
+    dates of generic text (``answers.answer_spans``), which facts edited together take as the
+    sampled questions' foreign answers (``config.foreign_answers``); None: none.
     """
     config = config or LAFNConfig()
     config.validate()
@@ -497,6 +547,11 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             questions = sampled_questions(model, tokenizer, used_langs, config)
         questions = _without_subjects(questions, facts)
         n_questions = len(questions.texts)
+        if config.foreign_answers > 0 and answer_spans is not None and not answer_spans:
+            warnings.warn("the generic text has no names or dates: no foreign answers")
+        if config.foreign_answers > 0 and answer_spans:
+            questions = _without_subjects(with_foreign_answers(
+                tokenizer, questions, answer_spans, config.foreign_answers), facts)
         kl_texts += questions.texts
         kl_ids += [list(p) for p in questions.ids]
         kl_ends += questions.ends
@@ -545,6 +600,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",
         "kl_prompts": kl_texts,
         "sampled_questions": n_questions,
+        "foreign_answers": len(kl_texts) - len(unrelated.texts) - n_questions,
         "neighbor_prompts": [p for r in runs for p in r["neighbor_prompts"]],
         "risk_prompts": [p for r in runs for p in r["risk_prompts"]],
         "train_matmuls": train_matmuls(param.device, config.autocast, param.dtype),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from editcomp.data import Fact
+from editcomp.data import Fact, load_text
+from editcomp.edit.answers import answer_spans
 from editcomp.edit.ftl import FTLConfig, ftl_edit
 from editcomp.edit.lafn import LAFNConfig, lafn_edit, preservation_moments
 from editcomp.edit.prompts import training_items
@@ -20,16 +21,20 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
                      progress: bool = True, preserve_text=None) -> dict:
     """Locality reference of the unedited model, the edit, then the edit metrics -> report with
     ``"metrics"`` (per language and mean: reliability, generality, locality, portability).
-    ``preserve_text``: LAFN's generic text (``preservation_moments``), or None; the caller
-    (``jobs.edit_job``) passes one only to LAFN with a preservation weight above 0."""
+    ``preserve_text``: LAFN's generic text, or None; the caller (``jobs.edit_job``) passes one
+    only where ``LAFNConfig.uses_generic_text``: its activation moments for the preservation term
+    (``preservation_moments``), its names and dates for the foreign answers (answers.py)."""
+    lafn = isinstance(config, LAFNConfig) and preserve_text
+    # first: a bad text fails before any other work
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
-                if preserve_text else None)  # first: a bad text fails before any other work
+                if lafn and config.preserve_weight > 0 else None)
+    spans = answer_spans(load_text(preserve_text)) if lafn and config.foreign_answers > 0 else None
     reference = locality_reference(model, tokenizer, facts, langs, progress=progress)
     if isinstance(config, FTLConfig):
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
     else:
         report = lafn_edit(model, tokenizer, facts, config, langs, progress=progress,
-                           preserve=preserve)
+                           preserve=preserve, answer_spans=spans)
     report["metrics"] = edit_metrics(model, tokenizer, facts, langs, progress=progress,
                                      reference=reference)
     return report
