@@ -477,8 +477,9 @@ def distill_cmd(teacher, student, out, loss, train_set, steps, lr, seq_len, batc
                    "edited at once; its names and dates are the foreign answers "
                    f"(--foreign-answers) [default: {DEFAULT_CALIB}].")
 @click.option("--preserve-weight", default=None, type=float,
-              help="lafn: weight of that term [default: 5; more for large batches; 0: off, no "
-                   "text read].")
+              help="lafn: weight of that term [default: 5; more for large batches; 0: off, "
+                   "and the text is then read only for facts edited together's foreign "
+                   "answers].")
 @click.option("--neighbors", default=None, type=int,
               help="lafn: per fact and language, copies of its prompt with the subject swapped "
                    "for a stand-in (another person, place, work...) whose answers the KL term "
