@@ -217,9 +217,10 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 ppl_after = None
             else:
                 questions = None
-                if is_lafn(method) and lafn_config(method, args).batch_questions > 0:
+                config = lafn_config(method, args) if is_lafn(method) else None
+                if config is not None and config.batch_questions > 0:
                     t0 = time.time()  # sampled once per language: a setup cost of each row
-                    questions = questions_for(lafn_config(method, args), model, tok, langs, args)
+                    questions = questions_for(config, model, tok, langs, args)
                     setup = args.sampling_seconds.setdefault(langs[-1], time.time() - t0)
                 t0 = time.time()
                 rep = edit(method, model, tok, facts, langs, args, questions=questions)

@@ -192,12 +192,16 @@ class LAFNConfig:
             return self.attention
         return "eager" if n_facts == 1 else None
 
+    def foreign_answers_for(self, n_facts: int) -> int:
+        """Foreign answers per sampled question for ``n_facts`` edited together: only facts
+        edited together (not one, not --sequential) with sampled questions take them."""
+        together = n_facts > 1 and not self.sequential
+        return self.foreign_answers if together and self.batch_questions > 0 else 0
+
     def uses_generic_text(self, n_facts: int) -> bool:
         """Whether an edit of ``n_facts`` reads generic text: for the preservation term's
-        moments, or for the names and dates of facts edited together's foreign answers."""
-        together = n_facts > 1 and not self.sequential
-        return self.preserve_weight > 0 or (together and self.batch_questions > 0
-                                            and self.foreign_answers > 0 and self.kl_weight > 0)
+        moments, or for the names and dates of its foreign answers."""
+        return self.preserve_weight > 0 or self.foreign_answers_for(n_facts) > 0
 
     def validate(self) -> None:
         self.locate.validate()
@@ -551,11 +555,13 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             questions = sampled_questions(model, tokenizer, used_langs, config)
         questions = _without_subjects(questions, facts)
         n_questions = len(questions.texts)
-        if config.foreign_answers > 0 and answer_spans is not None and not answer_spans:
-            warnings.warn("the generic text has no names or dates: no foreign answers")
-        if config.foreign_answers > 0 and answer_spans:
-            questions = _without_subjects(with_foreign_answers(
-                tokenizer, questions, answer_spans, config.foreign_answers), facts)
+        copies = config.foreign_answers_for(len(facts))
+        if copies and answer_spans is not None:
+            if not answer_spans:
+                warnings.warn("the generic text has no names or dates: no foreign answers")
+            else:  # filtered again: a drawn answer may name an edited subject
+                questions = _without_subjects(with_foreign_answers(
+                    tokenizer, questions, answer_spans, copies), facts)
         kl_texts += questions.texts
         kl_ids += [list(p) for p in questions.ids]
         kl_ends += questions.ends

@@ -28,7 +28,8 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
     # first: a bad text fails before any other work
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
                 if lafn and config.preserve_weight > 0 else None)
-    spans = answer_spans(load_text(preserve_text)) if lafn and config.foreign_answers > 0 else None
+    spans = (answer_spans(load_text(preserve_text))
+             if lafn and config.foreign_answers_for(len(facts)) > 0 else None)
     reference = locality_reference(model, tokenizer, facts, langs, progress=progress)
     if isinstance(config, FTLConfig):
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
