@@ -579,7 +579,7 @@ def _first_step_change(tok, facts, lr):
 def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok, monkeypatch):
     """... and the eager attention kernel for one fact, the model's own for a batch."""
     import editcomp.edit.lafn as lafn_mod
-    from editcomp.edit.lafn import BATCH_LR, BATCH_NLL_FLOOR, SINGLE_LR
+    from editcomp.edit.lafn_config import BATCH_LR, BATCH_NLL_FLOOR, SINGLE_LR
     kernels = []
 
     def spy(model, name):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,203 +33,17 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.data import Fact, token_windows
-from editcomp.device import autocast_dtype, check_autocast_mode, train_autocast, train_matmuls
+from editcomp.device import autocast_dtype, train_autocast, train_matmuls
 from editcomp.edit.answers import draw_answers
-from editcomp.edit.locate import (LocateConfig, activation_moments, mean_activations,
-                                  run_and_locate)
+from editcomp.edit.lafn_config import LAFNConfig
+from editcomp.edit.locate import activation_moments, mean_activations, run_and_locate
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.questions import names_a_subject, sample_questions
 from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
                                   weights_held_as)
-from editcomp.errors import ConfigError
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,
                                         join_prompt_target)
-
-
-SINGLE_LR = 0.1   # LAFNConfig.learning_rate: one fact at a time
-BATCH_LR = 0.05   # ... several facts edited together
-BATCH_NLL_FLOOR = 0.5  # LAFNConfig.nll_floor for facts edited together
-
-
-@dataclass
-class LAFNConfig:
-    """LAFN settings. Defaults from 6 gemma3-270m / BMIKE-53 de cases, then 20 per language
-    (benchmarks/results/README.md). Since the location drops
-    prompt-form neurons (``LocateConfig.form_share``) fewer neurons carry the fact, and 30 steps
-    left half of the edits short of the target. The preservation term slows the NLL's fall
-    (at weight 20, 8 of 20 single de edits ran to a 60-step cap, 5 of them short of the
-    target: reliability de 0.90), so the cap is 80 (an upper bound: ``stop_nll`` ends most
-    edits in 10-40 steps)."""
-    locate: LocateConfig = field(default_factory=LocateConfig)
-    paraphrases: int = 1          # template paraphrases added per language (prompts.py)
-    steps: int = 80               # optimizer steps (upper bound; see stop_nll)
-    lr: float | None = None       # Adam, on deltas in units of the edited columns' RMS; None:
-    #                               ``SINGLE_LR`` for a fact edited alone (single edits and
-    #                               --sequential), ``BATCH_LR`` for facts edited together (see
-    #                               ``learning_rate``)
-    kl_weight: float = 10.0       # KL(unedited || edited) on unrelated prompts' next token; at
-    #                               lr 0.1, 5 -> 10: locality de 0.943 -> 0.963, zh 0.834 ->
-    #                               0.844 (20 single edits each). With lr 0.1, against the
-    #                               session-13 defaults (lr 0.05, KL 5), gemma3-270m, 20 single
-    #                               edits in each of de/fr/zh/es, means of the 8 language rows
-    #                               (session 14): 15.0 -> 10.2 s per edit, reliability 0.988 ->
-    #                               0.997, generality 0.892 -> 0.914, locality 0.918 -> 0.915
-    norm_weight: float = 0.5      # ||D||^2 / ||W[:, idx]||^2 (NeuronDeltas.relative_norm)
-    norm_on_text: bool = False    # ... or the change of the edited columns' output on the
-    #                               unrelated prompts' tokens (their activation covariance)
-    stop_nll: float | None = 0.1  # stop once every target token is the argmax and the mean NLL is below
-    nll_floor: float | None = None  # a pair below this target NLL is not pushed further
-    #                               (runner.optimize); None: 0 for a fact edited alone (its
-    #                               edit stops at ``stop_nll`` anyway), ``BATCH_NLL_FLOOR`` for
-    #                               facts edited together (see ``target_floor``)
-    sequential: bool = False      # edit facts one after another instead of all together
-    batch_size: int = 32          # training pairs per optimizer step
-    kl_prompts: tuple[str, ...] | None = None  # default: prompts.KL_PROMPTS in the edited languages
-    kl_per_lang: int = 4          # gemma3-270m, 20 single fr edits (benchmarks/edit.py): 8 -> 4
-    #                               17.6 -> 11.6 s per edit, locality en/fr 0.91/0.85 -> 0.88/0.93
-    kl_continuation: int = 8      # the unedited model's greedy continuation (tokens) appended to
-    #                               each unrelated prompt: the KL term then covers answer positions,
-    #                               where locality probes are scored, not only the question
-    kl_answers: bool = True       # unrelated questions carry a short answer (prompts.KL_ANSWERS)
-    #                               before their continuation, so the KL covers answer positions
-    #                               (where locality is scored); 20 single fr edits: locality
-    #                               en/fr 0.88/0.93 -> 0.91/0.92, 11.6 -> 9.8 s per edit
-    neighbors: int = 0            # per fact and language: its prompt with the subject replaced by
-    #                               a stand-in (prompts.neighbor_prompts), added to the KL term
-    #                               with the unedited model's continuation. 2 on 20 single fr
-    #                               edits: locality en/fr 0.88/0.93 -> 0.91/0.93 at 1.5x the time
-    nll_vocab: int | None = 512   # the target NLL's softmax over the target and the model's top
-    #                               tokens there, refreshed before stopping (runner.TrainBatch);
-    #                               None: the full vocabulary (gemma3-270m: 48 -> 37 s per edit,
-    #                               the same edits and locality on 6 de cases)
-    kl_groups: int = 1            # a step's KL covers 1/kl_groups of the unrelated prompts
-    #                               (rotating; runner.build_batches): fewer tokens per step. 4 on
-    #                               gemma3-270m, 6 de cases: 37 -> 23 s per edit, de locality
-    #                               0.98 -> 0.89
-    kl_vocab: int | None = 64     # KL over the unedited model's top tokens per position plus the
-    #                               targets (runner.TrainBatch); None: the full vocabulary
-    preserve_weight: float = 5.0  # weight of NeuronDeltas.preservation, the edited columns'
-    #                               output change on generic text; applies when lafn_edit gets
-    #                               that text's activation moments (``preserve``; the CLI reads
-    #                               WikiText-2 valid.txt unless told otherwise). It keeps the
-    #                               edit off text where the located neurons also fire (a 1944
-    #                               target's neurons fire in other dates: that case's locality
-    #                               en/de 0.67/0.67 -> 0.89/0.78 at 10). gemma3-270m, 20 single
-    #                               edits in each of de/fr/zh/es, means of the 8 language rows
-    #                               at weight 0 / 5 / 10 (benchmarks/results/README.md, session
-    #                               13): locality 0.894 / 0.918 / 0.929, generality 0.947 /
-    #                               0.892 / 0.866, reliability 0.997 / 0.988 / 0.975, seconds
-    #                               per edit 12.5 / 15.0 / 17.9. One batch of 16 de cases: ppl
-    #                               +22.5% at 0, +6.8% at 20, +3.2% at 100 (locality 0.50 /
-    #                               0.69 / 0.81): raise it for large batches
-    autocast: str = "auto"        # the update steps' matmuls in bf16 where the device does
-    #                               them natively (device.train_autocast; "bf16", "off"):
-    #                               gemma3-270m, 8 single de edits on this AVX512-BF16 CPU:
-    #                               21.1 -> 16.2 s per edit, the same metrics but en generality
-    #                               1.0 -> 0.975 (benchmarks/edit.py, lafn vs lafn-fp32)
-    attention: str | None = "auto"  # the attention kernel of the update steps (runner.
-    #                               attention_kernel; None: the model's own; "auto": see
-    #                               ``attention_for``)
-    preserve_windows: int = 16    # windows of generic text read for the moments ...
-    preserve_seq_len: int = 256   # ... of this many tokens each
-    batch_questions: int = 128    # facts edited together: this many unrelated questions per
-    #                               language that the unedited model samples (questions.py), with
-    #                               its greedy answers, join the KL term's prompts, the location's
-    #                               generic prompts and (their tokens' moments) the preservation
-    #                               text; 0: off. A batch edit otherwise leaks its targets into
-    #                               other questions' answers (session 15: see questions.py)
-    kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
-    #                               into rotating groups (as ``kl_groups``)
-    foreign_answers: int = 1      # facts edited together: each sampled question joins the KL
-    #                               term this many more times, teacher-forced on a name or date
-    #                               from the generic text (answers.py; lafn_edit's
-    #                               ``answer_spans``), like the locality probes' gold answers the
-    #                               model does not know; 0: off. gemma3-270m, batches of 100 in
-    #                               each of de/zh/fr/es, 0 -> 1 (session 22): locality mean of
-    #                               the 8 language rows 0.717 -> 0.748 (7 rows up, de -0.03),
-    #                               WikiText-2 ppl x1.047/1.034/1.010/0.974 -> x1.003/0.982/
-    #                               1.025/0.994, reliability the same (+-0.03), edit +14-19%
-    risk_questions: int = 0       # a fact edited alone (single, --sequential): this many
-    #                               questions of the sampled pool (``batch_questions`` per
-    #                               language) join its KL term: those whose answers most excite
-    #                               its located neurons (``riskiest``), where its edit would leak.
-    #                               gemma3-270m, 20 single edits each of en+de / en+zh, 0 -> 8:
-    #                               locality en/de 0.930/0.963 -> 0.958/0.969, en/zh 0.930/0.834
-    #                               -> 0.929/0.899 (de/fr/es/zh rows: mean 0.914 -> 0.936);
-    #                               generality -0.01 to -0.04; 5.2-6.5 -> 9.1-11.1 s
-    #                               per edit, plus ~300 s to sample the pool once per call. Off
-    #                               by default for that cost: a one-fact call would pay it whole
-
-    def learning_rate(self, n_facts: int) -> float:
-        """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
-        fact and ``BATCH_LR`` for more. One fact's ~46 columns take 0.1 in half the steps of
-        0.05 with the same locality; a batch moves thousands of columns at once, and 0.1 there
-        costs perplexity (gemma3-270m, 100 de cases in one batch, session 14: ppl x1.86 at
-        0.1, x1.40 at 0.05, locality en/de 0.35/0.31 vs 0.39/0.33)."""
-        if self.lr is not None:
-            return self.lr
-        return SINGLE_LR if n_facts == 1 else BATCH_LR
-
-    def target_floor(self, n_facts: int) -> float:
-        """The NLL below which a pair is not pushed further: ``nll_floor`` if set, else 0 for one
-        fact and ``BATCH_NLL_FLOOR`` for more. A batch runs until its slowest facts reach their
-        targets (all 80 steps for 100 facts); without a floor the facts done early keep growing
-        their margins meanwhile, and the larger push leaks into other questions' answers."""
-        if self.nll_floor is not None:
-            return self.nll_floor
-        return 0.0 if n_facts == 1 else BATCH_NLL_FLOOR
-
-    def attention_for(self, n_facts: int) -> str | None:
-        """The attention kernel for ``n_facts`` edited together: ``attention`` unless "auto";
-        "auto" is "eager" for one fact and the model's own for more. 20 single de edits on this
-        CPU, eager instead of sdpa: gemma3-270m 5.49 -> 5.14 s per edit, smollm2-135m 11.39 ->
-        9.35, the same metrics to the third digit. The de batch of 100 in bf16 autocast:
-        locality en/de 0.787/0.741 -> 0.751/0.696, generality 0.84/0.88 -> 0.89/0.92 (one run
-        each; eager rounds the attention scores to bf16, and 80 steps of 100 facts amplify
-        it), so a batch keeps the model's kernel (benchmarks/results/README.md, session 21)."""
-        if self.attention != "auto":
-            return self.attention
-        return "eager" if n_facts == 1 else None
-
-    def foreign_answers_for(self, n_facts: int) -> int:
-        """Foreign answers per sampled question for ``n_facts`` edited together: only facts
-        edited together (not one, not --sequential) with sampled questions take them."""
-        together = n_facts > 1 and not self.sequential
-        return self.foreign_answers if together and self.batch_questions > 0 else 0
-
-    def uses_generic_text(self, n_facts: int) -> bool:
-        """Whether an edit of ``n_facts`` reads generic text: for the preservation term's
-        moments, or for the names and dates of its foreign answers."""
-        return self.preserve_weight > 0 or self.foreign_answers_for(n_facts) > 0
-
-    def validate(self) -> None:
-        self.locate.validate()
-        for name in ("kl_vocab", "nll_vocab"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.kl_continuation < 0:
-            raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
-        if self.neighbors < 0:
-            raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")
-        for name in ("batch_questions", "risk_questions", "foreign_answers"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("steps", "batch_size", "kl_groups", "preserve_windows", "preserve_seq_len",
-                     "kl_per_step"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_autocast_mode(self.autocast)
-        if self.attention is not None and not (isinstance(self.attention, str) and self.attention):
-            raise ConfigError(f"attention must be a kernel name or None, got {self.attention!r}")
-        if self.paraphrases < 0:
-            raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
-        for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class NeuronDeltas:
