@@ -223,6 +223,28 @@ def test_a_neuron_firing_where_every_unrelated_question_ends_is_dropped():
     assert kept == [{0: [3, 5]}]
 
 
+def test_a_fact_whose_shared_neurons_are_all_banned_falls_back_to_its_best_candidates():
+    """Neuron 3 is the only one all four prompts share, and it marks the prompts' form; neuron
+    7 fires strongly in half the prompts, 9 weakly in the other half. The fallback takes the
+    most consistent, then strongest, unbanned candidate (7) instead of no neuron at all."""
+    items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,)) for lang in ("en", "de", "en", "de")]
+    acts = torch.rand(1, len(items), 64) * 0.1
+    acts[0, :, 3] = 5.0
+    acts[0, :2, 7] = 4.0
+    acts[0, 2:, 9] = 1.0
+    generic = torch.rand(1, 80, 64) * 0.1
+    ends = [10 * k + 9 for k in range(8)]
+    generic[0, ends, 3] = 5.0
+    generic[0, ends, torch.arange(8) + 10] = 1.0
+    cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25, max_neurons=1)
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), generic, generic_ends=ends)
+    assert kept == [{0: [7]}] and report["facts"][0]["fallback"]
+    assert report["facts_without_neurons"] == 0
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, fallback=False), generic,
+                                  generic_ends=ends)
+    assert kept == [{}] and report["facts_without_neurons"] == 1
+
+
 def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
     """KL over each position's own top tokens of the unedited model (plus the edit targets, each
     token once) is the renormalized full distribution there, close to the full KL once the model
@@ -682,6 +704,56 @@ def test_nll_floor_stops_pushing_the_pairs_already_below_it(tok, fact):
     both, alone = one_step([low, high], floor), one_step([high], 0.0)
     assert both.abs().max() > 0 and torch.allclose(both, alone, atol=1e-6)
     assert one_step([low, high], float(gap[1]) + 1.0).abs().max() == 0
+
+
+def _optimize_planted(tok, fact, monkeypatch, **kw):
+    """``optimize`` on the planted fact's neuron -> (its result, the Adam it ran)."""
+    from editcomp.edit.lafn import NeuronDeltas
+    from editcomp.edit.runner import build_batches, frozen, optimize
+    model, items, _, last = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    made = []
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: made.append(adam(*a, **k)) or made[-1])
+    deltas = NeuronDeltas(model, {last: [NEURON]})
+    with frozen(model), deltas:
+        out = optimize(runner, build_batches(runner, pairs, [], batch_size=64), deltas.params(),
+                       0, **kw)
+    return out, made[0]
+
+
+def test_lr_growth_multiplies_the_lr_after_every_period(tok, fact, monkeypatch):
+    out, opt = _optimize_planted(tok, fact, monkeypatch, steps=7, lr=0.1, lr_growth=(2.0, 3))
+    assert out["steps"] == 7
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 2 ** 2)  # grown after steps 3 and 6
+    _, flat = _optimize_planted(tok, fact, monkeypatch, steps=7, lr=0.1)
+    assert flat.param_groups[0]["lr"] == 0.1
+
+
+def test_an_edit_whose_nll_stops_falling_stops_at_the_stall_window(tok, fact, monkeypatch):
+    """At lr 0 the NLL never falls: the stall rule ends the edit one window in, where the
+    same edit without it runs every step."""
+    out, _ = _optimize_planted(tok, fact, monkeypatch, steps=50, lr=0.0, stall=(4, 0.1))
+    assert out["stall_stopped"] and out["steps"] == 5
+    out, _ = _optimize_planted(tok, fact, monkeypatch, steps=50, lr=0.0)
+    assert not out["stall_stopped"] and out["steps"] == 50
+    # a falling NLL is not a stall, even with no drop asked for
+    out, _ = _optimize_planted(tok, fact, monkeypatch, steps=6, lr=0.1, stall=(4, 0.0))
+    assert not out["stall_stopped"] and out["steps"] == 6
+
+
+def test_lr_growth_and_the_stall_rule_apply_to_a_fact_edited_alone():
+    cfg = LAFNConfig(lr_growth=1.5, lr_growth_steps=8, stall_steps=12, stall_drop=0.2)
+    assert cfg.lr_growth_for(1) == (1.5, 8) and cfg.stall_for(1) == (12, 0.2)
+    assert cfg.lr_growth_for(2) is None and cfg.stall_for(2) is None
+    assert LAFNConfig().lr_growth_for(1) is None  # a constant lr by default
+    for bad, msg in (({"lr_growth": 0}, "lr_growth must be > 0"),
+                     ({"stall_drop": 1.0}, "stall_drop must be in"),
+                     ({"stall_steps": 0}, "stall_steps must be >= 1"),
+                     ({"lr_growth_steps": 0}, "lr_growth_steps must be >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            LAFNConfig(**bad).validate()
 
 
 def test_mean_activations_average_each_sequence_over_its_positions(tok):

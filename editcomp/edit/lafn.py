@@ -188,7 +188,9 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
                                           + config.preserve_weight * deltas.preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn",
-                         nll_floor=config.target_floor(len(facts)))
+                         nll_floor=config.target_floor(len(facts)),
+                         lr_growth=config.lr_growth_for(len(facts)),
+                         stall=config.stall_for(len(facts)))
     written = deltas.write()
     return {"locate": loc_report, "neighbor_prompts": near,
             "risk_prompts": [risk_pool.texts[k] for k in risky],
@@ -445,6 +447,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             "kl_end": _mean([t["kl_end"] for t in trains]),
             "token_acc_end": _mean([t["token_acc_end"] for t in trains]),
             "steps": sum(t["steps"] for t in trains),
+            "stall_stopped": sum(t["stall_stopped"] for t in trains),
         },
         "seconds": time.time() - t0,
     }

@@ -11,7 +11,8 @@ for everything (massive-activation neurons) and are dropped: editing them would 
 answers. So are neurons that are candidates at ``form_share`` of the unrelated prompts' *last*
 tokens: they mark the prompt's form ("a question ends here"), fire at every question's answer
 position, and editing them made unrelated questions answer with the edit's target (gemma3-270m,
-6 BMIKE-53 de cases: German locality 0.61 with them, 0.98 without).
+6 BMIKE-53 de cases: German locality 0.61 with them, 0.98 without). A fact left with none of
+its shared neurons falls back to its most consistent unbanned candidates (``fallback``).
 
 ``editcomp edit ... --report FILE`` writes the location report (layer histogram, neurons per fact,
 overlap between languages) as JSON.
@@ -45,6 +46,10 @@ class LocateConfig:
     min_layer: float = 0.5       # consider layers from this fraction of the depth on (the upper half:
     #                              fewer layers to re-run per step; the lower half held generic neurons)
     continuation: bool = True   # also locate at the positions predicting later target tokens
+    fallback: bool = True       # a fact none of whose shared neurons survives the bans takes its
+    #                             ``max_neurons`` most consistent unbanned candidates instead of
+    #                             none, whose edit would change nothing (smollm2-135m, BMIKE-53
+    #                             de case 18: all 63 shared neurons mark the question's form)
     batch_size: int = 16
 
     def validate(self) -> None:
@@ -243,6 +248,9 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
             score = score.maximum(mask[:, jdx].float().mean(1) * 1000 + rel[:, jdx].mean(1))
         dropped = int((sel & banned).sum())
         sel &= ~banned
+        fallback = config.fallback and not bool(sel.any())
+        if fallback:  # nothing shared survives the bans: the most consistent candidates left
+            sel = m.any(1) & ~banned
         li, ni = sel.nonzero(as_tuple=True)
         if config.max_neurons is not None and li.numel() > config.max_neurons:
             keep = score[li, ni].topk(config.max_neurons).indices
@@ -267,6 +275,7 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
                           "last_token_neurons": n_first,
                           "per_lang": {lang: len(s) for lang, s in sets.items()},
                           "generic_dropped": dropped,
+                          "fallback": fallback,
                           "layers": {str(k): len(v) for k, v in chosen.items()}})
     hist = [0] * n_layers
     for chosen in per_fact:

@@ -350,7 +350,8 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
              steps: int, lr: float, kl_weight: float = 0.0, penalty=None, after_step=None,
              stop_nll: float | None = None, progress: bool = False, desc: str = "edit",
-             nll_floor: float = 0.0) -> dict:
+             nll_floor: float = 0.0, lr_growth: tuple[float, int] | None = None,
+             stall: tuple[int, float] | None = None) -> dict:
     """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
     batch, cycling; stops early once every target token is the argmax and the mean NLL is below
     ``stop_nll`` (checked per round; when the batches score the NLL over candidates, confirmed
@@ -361,6 +362,15 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     early would otherwise keep growing their margin while the rest catch up. The stopping rule
     then reads ``max(stop_nll, nll_floor)``.
 
+    ``lr_growth``: ``(factor, every)``: the lr is multiplied by ``factor`` after each ``every``
+    steps. Adam moves each parameter about ``lr`` a step whatever its gradient, so an edit that
+    needs large deltas descends its NLL at a constant pace; growing the lr shortens such edits
+    and leaves the quick ones (stopped before the first growth) as they were.
+    ``stall``: ``(window, drop)``: stop once the best mean NLL of the last ``window`` steps is
+    less than the fraction ``drop`` below the best before them (``stall_stopped`` in the
+    result): an edit held short of its target by the KL and norm terms otherwise runs to
+    ``steps`` for nothing.
+
     -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
     is a ``NumericalError`` (the caller has written nothing yet).
     """
@@ -369,7 +379,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     opt = torch.optim.Adam(params, lr=lr)
     last = [None] * len(batches)
     hist = {"nll_start": None}
-    step, exact = 0, None
+    step, exact, stalled = 0, None, False
+    trace: list[float] = []  # mean NLL after each round
     if stop_nll is not None:
         stop_nll = max(stop_nll, nll_floor)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
@@ -398,6 +409,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                     with torch.no_grad():
                         after_step()
                 step += 1
+                if lr_growth is not None and step % lr_growth[1] == 0:
+                    for group in opt.param_groups:
+                        group["lr"] *= lr_growth[0]
                 bar.update(1)
                 bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}")
                 if step >= steps:
@@ -410,6 +424,14 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                 if _reached(exact, stop_nll):
                     break
                 exact = None
+            if done and stall is not None:
+                trace.append(float(torch.cat([x[0] for x in last]).mean()))
+                window = -(-stall[0] // len(batches))  # rounds
+                # the window's best against the best before it: a bouncing NLL is not a stall
+                if (len(trace) > window
+                        and min(trace[-window:]) > (1 - stall[1]) * min(trace[:-window])):
+                    stalled = True
+                    break
     finally:
         bar.close()
     # the state after the last update (the stopping check's pass, or one more), full vocabulary
@@ -420,7 +442,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     nll = torch.cat([e[0].cpu() for e in ev])
     kl = torch.cat([e[1].cpu() for e in ev])
     hits = torch.cat([e[2] for e in ev])
-    return {"steps": step, "nll_start": hist["nll_start"], "nll_end": float(nll.mean()),
+    return {"steps": step, "stall_stopped": stalled, "nll_start": hist["nll_start"],
+            "nll_end": float(nll.mean()),
             "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
             "token_acc_end": float(hits.float().mean()) if hits.numel() else None}
 
