@@ -371,8 +371,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     result): an edit held short of its target by the KL and norm terms otherwise runs to
     ``steps`` for nothing.
 
-    -> ``{"steps", "nll_start", "nll_end", "kl_end", "penalty_end", "token_acc_end"}``; a NaN/Inf loss
-    is a ``NumericalError`` (the caller has written nothing yet).
+    -> ``{"steps", "stall_stopped", "nll_start", "nll_end", "nll_end_max", "kl_end",
+    "token_acc_end"}``; a NaN/Inf loss is a ``NumericalError`` (the caller has written nothing yet).
     """
     for b in batches:
         b.prepare(runner, start)
@@ -380,7 +380,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     last = [None] * len(batches)
     hist = {"nll_start": None}
     step, exact, stalled = 0, None, False
-    trace: list[float] = []  # mean NLL after each round
+    trace: list[float] = []  # mean NLL after each round (the stall rule's)
+    window = -(-stall[0] // len(batches)) if stall is not None else 0  # the stall rule's rounds
     if stop_nll is not None:
         stop_nll = max(stop_nll, nll_floor)
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False)
@@ -425,8 +426,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                     break
                 exact = None
             if done and stall is not None:
-                trace.append(float(torch.cat([x[0] for x in last]).mean()))
-                window = -(-stall[0] // len(batches))  # rounds
+                trace.append(_mean_nll(last))
                 # the window's best against the best before it: a bouncing NLL is not a stall
                 if (len(trace) > window
                         and min(trace[-window:]) > (1 - stall[1]) * min(trace[:-window])):
@@ -451,5 +451,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
 def _reached(results, stop_nll: float) -> bool:
     """Every target token is the argmax and the mean NLL is below ``stop_nll``; ``results``: a
     ``(nll, kl, hits, ...)`` per batch."""
-    return (bool(torch.cat([r[2] for r in results]).all())
-            and float(torch.cat([r[0].detach().cpu() for r in results]).mean()) < stop_nll)
+    return bool(torch.cat([r[2] for r in results]).all()) and _mean_nll(results) < stop_nll
+
+
+def _mean_nll(results) -> float:
+    """The mean target NLL over every pair of ``results`` (a ``(nll, ...)`` per batch)."""
+    return float(torch.cat([r[0].detach().cpu() for r in results]).mean())
