@@ -13,8 +13,8 @@ from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_
                                    neighbor_prompts, template_paraphrases, training_items)
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
-from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, gather_positions,
-                                  right_pad, weights_held_as)
+from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, frozen,
+                                  gather_positions, pack_rows, right_pad, weights_held_as)
 from editcomp.errors import ConfigError, DataError
 from editcomp.eval.edit_metrics import edit_metrics, greedy_continuations
 from editcomp.tiny import tiny_model as _tiny_model
@@ -99,6 +99,51 @@ def test_truncated_forward_equals_the_full_model(tok):
         rows, cols = [0, 0, 1], [1, len(seqs[0]) - 1, len(seqs[1]) - 1]
         ours = runner.head(gather_positions(runner.hidden(ids, mask, 1, cached), rows, cols))
         torch.testing.assert_close(ours, full[rows, cols], rtol=1e-5, atol=1e-5)
+
+
+def test_pack_rows_fill_each_row_to_its_width_and_place_every_sequence_once():
+    rows = pack_rows([5, 9, 3, 7, 2, 12], 10)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    lengths = [5, 9, 3, 7, 2, 12]
+    assert [sum(lengths[i] for i in r) for r in rows] == [12, 9, 10, 7]  # 12 is alone: too long
+    assert pack_rows([4, 4, 4], 100) == [[0, 1, 2]]
+
+
+def test_packed_batches_give_the_padded_losses_and_gradients(tok, fact):
+    """Sequences laid end to end, each seeing only itself with positions from 0, give the
+    target NLL, the KL and the deltas' gradients of one padded row per sequence, on the cached
+    stream of an upper layer and under both attention kernels; a sequence longer than a
+    sliding window keeps the padded layout (one packed mask cannot serve both kinds of layer)."""
+    model, items, kl, last = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    down = get_adapter(model).layer(last).down
+    for kernel in ("eager", "sdpa"):
+        got = []
+        for pack in (None, 64):
+            b = TrainBatch(runner, pairs, kl, kl_vocab=16, nll_vocab=16, pack=pack)
+            assert (b.pos is not None) == (pack is not None)
+            assert (b.ids.shape[0] == len(pairs) + len(kl)) == (pack is None)
+            d = torch.zeros(down.weight.shape[0], 4, requires_grad=True)
+            with frozen(model), attention_kernel(model, kernel):
+                b.prepare(runner, last)
+                h = down.register_forward_hook(lambda m, a, out: out + a[0][..., 70:74] @ d.T)
+                try:
+                    with torch.no_grad():
+                        d.add_(torch.randn(d.shape, generator=torch.Generator().manual_seed(0)))
+                    nll, kl_pos, hits = b.losses(runner, last)
+                    (nll.mean() + kl_pos.mean()).backward()
+                finally:
+                    h.remove()
+            got.append((nll.detach(), kl_pos.detach(), hits, d.grad))
+        assert float(got[0][1].mean()) > 1e-3  # the deltas moved the unrelated prompts
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    gemma = tiny_model("gemma3")  # sliding window 8
+    runner = ModelRunner(gemma, tok)
+    long, short = [list(range(3, 12))], [[3, 4, 5], [6, 7, 8, 9]]
+    assert TrainBatch(runner, [], long, pack=64).pos is None
+    assert TrainBatch(runner, [], short, pack=64).ids.shape == (1, 7)
 
 
 def test_the_eager_kernel_gives_the_same_logits_and_the_models_own_comes_back(tok):
@@ -743,15 +788,18 @@ def test_an_edit_whose_nll_stops_falling_stops_at_the_stall_window(tok, fact, mo
     assert not out["stall_stopped"] and out["steps"] == 6
 
 
-def test_lr_growth_and_the_stall_rule_apply_to_a_fact_edited_alone():
-    cfg = LAFNConfig(lr_growth=1.5, lr_growth_steps=8, stall_steps=12, stall_drop=0.2)
+def test_lr_growth_the_stall_rule_and_packing_apply_to_a_fact_edited_alone():
+    cfg = LAFNConfig(lr_growth=1.5, lr_growth_steps=8, stall_steps=12, stall_drop=0.2, pack=256)
     assert cfg.lr_growth_for(1) == (1.5, 8) and cfg.stall_for(1) == (12, 0.2)
     assert cfg.lr_growth_for(2) is None and cfg.stall_for(2) is None
+    assert cfg.pack_for(1) == 256 and cfg.pack_for(2) is None
+    assert LAFNConfig(pack=None).pack_for(1) is None
     assert LAFNConfig().lr_growth_for(1) is None  # a constant lr by default
     for bad, msg in (({"lr_growth": 0}, "lr_growth must be > 0"),
                      ({"stall_drop": 1.0}, "stall_drop must be in"),
                      ({"stall_steps": 0}, "stall_steps must be >= 1"),
-                     ({"lr_growth_steps": 0}, "lr_growth_steps must be >= 1")):
+                     ({"lr_growth_steps": 0}, "lr_growth_steps must be >= 1"),
+                     ({"pack": 0}, "pack must be >= 1 or None")):
         with pytest.raises(ConfigError, match=msg):
             LAFNConfig(**bad).validate()
 

@@ -177,7 +177,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     # without a KL term the unrelated prompts only serve the location (no forward pass per step)
     kl_groups = max(config.kl_groups, -(-len(kl_ids) // config.kl_per_step))
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
-                            config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab)
+                            config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab,
+                            config.pack_for(len(facts)))
 
     with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),

@@ -38,6 +38,56 @@ def right_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     return ids.to(device), mask.to(device)
 
 
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequence indices grouped into rows of at most ``width`` tokens (first fit, longest first;
+    a sequence longer than ``width`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - lengths[i])
+    return rows
+
+
+def packed(seqs: list[list[int]], width: int, pad: int, device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Sequences laid end to end in rows (``pack_rows``) -> (ids ``[R, W]``, additive attention
+    mask ``[R, 1, W, W]``: 0 where a token sees an earlier token of its own sequence, the float
+    minimum elsewhere, position ids ``[R, W]`` restarting at 0 for each sequence, and each
+    sequence's ``(row, offset)``). The same tokens as ``right_pad`` without its padding: a step of a
+    single edit runs a dozen sequences of very different lengths, and a third of a padded batch
+    is padding that every matmul still computes."""
+    groups = pack_rows([len(s) for s in seqs], width)
+    wide = max(sum(len(seqs[i]) for i in g) for g in groups)
+    ids = torch.full((len(groups), wide), pad, dtype=torch.long)
+    pos = torch.zeros((len(groups), wide), dtype=torch.long)
+    seg = torch.full((len(groups), wide), -1, dtype=torch.long)  # -1: padding
+    where = [(0, 0)] * len(seqs)
+    for r, group in enumerate(groups):
+        at = 0
+        for i in group:
+            n = len(seqs[i])
+            ids[r, at:at + n] = torch.tensor(seqs[i], dtype=torch.long)
+            pos[r, at:at + n] = torch.arange(n)
+            seg[r, at:at + n] = i
+            where[i] = (r, at)
+            at += n
+    idx = torch.arange(wide)
+    causal = idx[None, :] <= idx[:, None]
+    same = seg[:, :, None] == seg[:, None, :]
+    # a padding position sees itself only (a row of nothing but the minimum would still be finite,
+    # but its output is never read either way)
+    see = (same & causal & (seg[:, :, None] >= 0)) | torch.eye(wide, dtype=torch.bool)
+    mask = torch.zeros(see.shape, dtype=torch.float32).masked_fill(~see, torch.finfo(torch.float32).min)
+    return ids.to(device), mask[:, None].to(device), pos.to(device), where
+
+
 class _PassThrough(nn.Module):
     """Stands in for a decoder layer whose output is already in the cached residual stream."""
 
@@ -62,6 +112,8 @@ class ModelRunner:
         self.pad, self.device = pad_id(tokenizer), model_device(model)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._layers = _layer_list(self.adapter)
+        # the attention window of a family with sliding-window layers (None: every layer sees all)
+        self.window = getattr(model.config, "sliding_window", None)
 
     def head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states -> logits (with the family's final soft-capping, if any);
@@ -100,18 +152,21 @@ class ModelRunner:
                 self._layers[i] = mod
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0,
-               cached: torch.Tensor | None = None) -> torch.Tensor:
+               cached: torch.Tensor | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, H]``; with ``cached`` (the residual stream entering
-        layer ``start``) only layers ``>= start`` run."""
+        layer ``start``) only layers ``>= start`` run. ``mask``: ``[B, T]`` padding, or a prepared
+        ``[B, 1, T, T]`` additive mask with its position ids ``pos`` (``packed``)."""
         if cached is None or start == 0:
-            out = self.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = self.adapter.decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                       use_cache=False)
             return out.last_hidden_state
         with self._skip_below(start):
-            out = self.adapter.decoder(inputs_embeds=cached, attention_mask=mask, use_cache=False)
+            out = self.adapter.decoder(inputs_embeds=cached, attention_mask=mask, position_ids=pos,
+                                       use_cache=False)
         return out.last_hidden_state
 
-    def layer_input(self, ids: torch.Tensor, mask: torch.Tensor, start: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer_input(self, ids: torch.Tensor, mask: torch.Tensor, start: int,
+                    pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-gradient pass -> (residual stream entering layer ``start``, for ``hidden(cached=)``;
         final-normed hidden states)."""
         box = {}
@@ -122,7 +177,8 @@ class ModelRunner:
         h = self.adapter.layer(start).module.register_forward_pre_hook(grab, with_kwargs=True)
         try:
             with torch.no_grad():
-                out = self.adapter.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = self.adapter.decoder(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                           use_cache=False)
         finally:
             h.remove()
         return box["h"], out.last_hidden_state
@@ -152,27 +208,36 @@ class TrainBatch:
     model currently ranks highest at that position (None: the full vocabulary). Reading a 262k x
     640 output matrix forward and backward is most of a single edit's step even for a dozen target
     tokens; the normalizer is dominated by the top tokens, and ``optimize`` checks the stopping
-    rule with the full vocabulary and refreshes the candidates (``refresh``) before it stops."""
+    rule with the full vocabulary and refreshes the candidates (``refresh``) before it stops.
+
+    ``pack``: lay the sequences end to end in rows of at most that many tokens (``packed``)
+    instead of one padded row each (None). Its one mask serves every layer, so a model with
+    sliding-window layers is packed only while no sequence is longer than the window."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
-                 nll_vocab: int | None = None):
+                 nll_vocab: int | None = None, pack: int | None = None):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
-        self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
+        self.pos: torch.Tensor | None = None  # position ids of a packed batch
+        if pack is None or (runner.window is not None and max(map(len, seqs)) > runner.window):
+            self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
+            where = [(i, 0) for i in range(len(seqs))]
+        else:
+            self.ids, self.mask, self.pos, where = packed(seqs, pack, runner.pad, runner.device)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
         self.rows, self.cols, self.labels, self.owner = [], [], [], []
         for i, (p, t) in enumerate(pairs):
+            row, at = where[i]
             for j, tok in enumerate(t):
-                self.rows.append(i)
-                self.cols.append(len(p) - 1 + j)
+                self.rows.append(row)
+                self.cols.append(at + len(p) - 1 + j)
                 self.labels.append(int(tok))
                 self.owner.append(i)
-        # the last prompt token of every sequence (locating) and of every KL prompt
-        self.last = [len(p) - 1 for p, _ in pairs] + [len(p) - 1 for p in kl_prompts]
         # KL at every position of the unrelated prompts (after the first token): the located
         # neurons also fire inside ordinary text, not only at a question's last token
-        self.kl_rows = [len(pairs) + k for k, p in enumerate(kl_prompts) for _ in range(1, len(p))]
-        self.kl_cols = [c for p in kl_prompts for c in range(1, len(p))]
+        kl_where = where[len(pairs):]
+        self.kl_rows = [r for (r, _), p in zip(kl_where, kl_prompts) for _ in range(1, len(p))]
+        self.kl_cols = [at + c for (_, at), p in zip(kl_where, kl_prompts) for c in range(1, len(p))]
         dev = runner.device
         self.labels_t = torch.tensor(self.labels, dtype=torch.long, device=dev)
         self.owner_t = torch.tensor(self.owner, dtype=torch.long, device=dev)
@@ -193,7 +258,7 @@ class TrainBatch:
         per token ``[n_tokens]``), running layers ``>= start`` on the cached stream; ``full``: the
         NLL and hits over the whole vocabulary, not the candidates (``keep_logits``: and keep those
         logits in ``self.full_logits``)."""
-        h = runner.hidden(self.ids, self.mask, start, self.cached)
+        h = runner.hidden(self.ids, self.mask, start, self.cached, self.pos)
         nll = h.new_zeros(self.n_pairs)
         hits = torch.zeros(0, dtype=torch.bool)
         if self.rows:
@@ -252,7 +317,7 @@ class TrainBatch:
     def prepare(self, runner: ModelRunner, start: int) -> None:
         """Cache the residual stream entering ``start``, the unedited KL distributions, the NLL
         candidates and the exact starting NLL (one pass)."""
-        cached, h = runner.layer_input(self.ids, self.mask, start)
+        cached, h = runner.layer_input(self.ids, self.mask, start, self.pos)
         self.cached = cached if start > 0 else None
         if self.rows:
             with torch.no_grad():
@@ -330,12 +395,14 @@ def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
 
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
-                  kl_groups: int = 1, nll_vocab: int | None = None) -> list[TrainBatch]:
+                  kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None
+                  ) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
     mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
     groups the chunks repeat, so one optimizer round still sees every KL prompt once: the KL term
-    is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens."""
+    is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens.
+    ``pack``: see ``TrainBatch``."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if not chunks:
@@ -344,7 +411,7 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
     kl_sets = [kl_prompts[g::groups] for g in range(groups)]
     n = max(len(chunks), groups) if kl_prompts else len(chunks)
     return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
-                       kl_vocab, nll_vocab) for b in range(n)]
+                       kl_vocab, nll_vocab, pack) for b in range(n)]
 
 
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
