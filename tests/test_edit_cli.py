@@ -45,7 +45,7 @@ def generic_text(tmp_path_factory):
 def default_preserve_text(monkeypatch, generic_text):
     """``editcomp edit`` reads WikiText-2 valid.txt from ../shared by default, which a clean
     clone may not have: these tests point the default at a small generic text instead."""
-    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(generic_text))
+    monkeypatch.setattr("editcomp.cli.edit.DEFAULT_CALIB", str(generic_text))
     return generic_text
 
 
@@ -189,7 +189,7 @@ def test_lafn_reads_the_default_preservation_text(tiny_ckpt, tmp_path, default_p
 def test_no_preservation_term_reads_no_text(tiny_ckpt, tmp_path, monkeypatch, method, extra):
     """Weight 0 (or FT-L) never touches the preservation text: a missing default is no error,
     and the lineage names no text."""
-    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
+    monkeypatch.setattr("editcomp.cli.edit.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
                   "--limit", "1", "--steps", "2", "--method", method, *extra)
@@ -198,7 +198,7 @@ def test_no_preservation_term_reads_no_text(tiny_ckpt, tmp_path, monkeypatch, me
 
 
 def test_a_missing_default_preservation_text_says_how_to_go_on(tiny_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr("editcomp.cli.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
+    monkeypatch.setattr("editcomp.cli.edit.DEFAULT_CALIB", str(tmp_path / "absent.txt"))
     out = tmp_path / "out"
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out,
                            "--langs", "en", "--limit", "1"),

@@ -1,0 +1,130 @@
+"""``editcomp edit``: LAFN or FT-L knowledge edits, written as a new checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from editcomp.cli.base import (autocast_option, cli, device_option, dtype_option, emit,
+                               format_edit_table, json_option)
+from editcomp.defaults import DEFAULT_CALIB
+from editcomp.errors import EditcompError
+
+
+@cli.command("edit")
+@click.argument("facts", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="Checkpoint directory or registered model name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--method", type=click.Choice(["lafn", "ft-l"]), default="lafn", show_default=True,
+              help="lafn: update the language-agnostic factual neurons; ft-l: fine-tune one "
+                   "layer's down_proj (baseline).")
+@click.option("--langs", default=None, help="Comma-separated languages to edit, e.g. en,de "
+                                            "[default: every language of each fact].")
+@click.option("--limit", default=None, type=int, help="Edit only N facts.")
+@click.option("--offset", default=0, show_default=True, help="Skip the first K facts.")
+@click.option("--sequential", is_flag=True, help="Edit the facts one after another (default: "
+                                                 "all together).")
+@click.option("--paraphrases", default=None, type=int,
+              help="Template paraphrases added per language for locating and training "
+                   "[default: lafn 1, ft-l 2]; evaluation probes are never used.")
+@click.option("--steps", default=None, type=int,
+              help="Optimizer steps at most [default: lafn 80, ft-l 25].")
+@click.option("--top-frac", default=None, type=float,
+              help="lafn: a neuron is a candidate for a prompt when its |activation| is in its "
+                   "layer's top fraction [default: 0.02].")
+@click.option("--share", default=None, type=float,
+              help="lafn: ... and the fact's when a candidate for this share of its prompts, "
+                   "all languages together [default: 0.9].")
+@click.option("--max-neurons", default=None, type=int,
+              help="lafn: neurons per fact at most, the most consistent first [default: 48].")
+@click.option("--form-share", default=None, type=float,
+              help="lafn: drop neurons that are candidates where this share of the unrelated "
+                   "prompts end: they mark a prompt's form, not the fact [default: 0.25; 1 "
+                   "keeps almost all].")
+@click.option("--preserve-text", default=None, type=click.Path(dir_okay=False),
+              help="lafn: generic text whose FFN activations the deltas must leave nearly "
+                   "unchanged (16 windows of 256 tokens): keeps the edit off unrelated answers "
+                   "where the located neurons also fire, and perplexity when many facts are "
+                   "edited at once; its names and dates are the foreign answers "
+                   f"(--foreign-answers) [default: {DEFAULT_CALIB}].")
+@click.option("--preserve-weight", default=None, type=float,
+              help="lafn: weight of that term [default: 5; more for large batches; 0: off, "
+                   "and the text is then read only for facts edited together's foreign "
+                   "answers].")
+@click.option("--neighbors", default=None, type=int,
+              help="lafn: per fact and language, copies of its prompt with the subject swapped "
+                   "for a stand-in (another person, place, work...) whose answers the KL term "
+                   "keeps [default: 0].")
+@click.option("--batch-questions", default=None, type=int,
+              help="lafn, facts edited together: unrelated questions per language that the "
+                   "unedited model writes itself (sampled, seed 0) and whose answers, and "
+                   "activations, the edit must keep; without them a batch leaks its targets into "
+                   "other questions' answers; also the pool --risk-questions picks from "
+                   "[default: 128; 0: off].")
+@click.option("--foreign-answers", default=None, type=int,
+              help="lafn, facts edited together: each sampled question also joins the KL term "
+                   "this many times teacher-forced on a name or date from the --preserve-text "
+                   "text, an answer the model does not know, as the ones the batch leaks into "
+                   "[default: 1; 0: off].")
+@click.option("--risk-questions", default=None, type=int,
+              help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
+                   "questions, how many whose answers most excite the fact's located neurons "
+                   "join its KL term, where its edit would otherwise leak [default: 0].")
+@click.option("--nll-floor", default=None, type=float,
+              help="lafn: a training pair whose target NLL is below this gets no further push: "
+                   "facts edited together reach their targets at different steps, and the ones "
+                   "done early would keep growing their margins, which leaks into other "
+                   "answers [default: 0 for a fact edited alone, 0.5 for facts edited together].")
+@autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
+@click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
+              help="Write the neuron-location report (lafn) as JSON here.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@device_option
+@dtype_option
+@json_option
+def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
+             top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
+             neighbors, batch_questions, foreign_answers, risk_questions, nll_floor, autocast,
+             report_file, force, device, dtype, as_json):
+    """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
+
+    \b
+    Example:
+      editcomp edit examples/facts.jsonl --model gemma3-270m --langs en,de --out out/edited
+    """
+    from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig
+    from editcomp.jobs import EditConfig, edit_job
+
+    where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
+             "form_share": form_share}
+    where = {k: v for k, v in where.items() if v is not None}
+    if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
+                             or neighbors is not None or batch_questions is not None
+                             or foreign_answers is not None or risk_questions is not None
+                             or nll_floor is not None):
+        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
+                            "--neighbors, --batch-questions, --foreign-answers, --risk-questions, "
+                            "--nll-floor and "
+                            "--preserve-text/--preserve-weight apply to --method lafn only")
+    extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
+    lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
+                                    ("batch_questions", batch_questions),
+                                    ("foreign_answers", foreign_answers),
+                                    ("risk_questions", risk_questions),
+                                    ("nll_floor", nll_floor)) if v is not None}
+    lafn_extra["autocast"] = autocast
+    config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
+                                                        locate=LocateConfig(**where), **extra,
+                                                        **lafn_extra))
+              if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(**extra)))
+    result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
+                      report_file=report_file, force=force, device=device, dtype=dtype,
+                      preserve_text=preserve_text or DEFAULT_CALIB)
+
+    def human(r):
+        click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")
+        if "neurons" in r:
+            n = r["neurons"]
+            click.echo(f"neurons: {n['total']} ({n['per_fact_mean']:.1f} per fact), per layer "
+                       f"{n['layer_histogram']}")
+        click.echo(format_edit_table(r["edit"]))
+    emit(result, as_json, human)
