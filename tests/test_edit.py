@@ -144,6 +144,14 @@ def test_packed_batches_give_the_padded_losses_and_gradients(tok, fact):
     long, short = [list(range(3, 12))], [[3, 4, 5], [6, 7, 8, 9]]
     assert TrainBatch(runner, [], long, pack=64).pos is None
     assert TrainBatch(runner, [], short, pack=64).ids.shape == (1, 7)
+    # a bf16 model gets a bf16 mask, as transformers' own masks, and the padded hidden states
+    half = ModelRunner(tiny_model().to(torch.bfloat16), tok)
+    b, ref = TrainBatch(half, [], short, pack=64), TrainBatch(half, [], short)
+    assert b.mask.dtype == torch.bfloat16
+    with torch.no_grad():
+        got, want = half.hidden(b.ids, b.mask, pos=b.pos), half.hidden(ref.ids, ref.mask)
+    # packed longest first: the second sequence, then the first
+    torch.testing.assert_close(got[0], torch.cat([want[1], want[0, :3]]), rtol=2e-2, atol=2e-2)
 
 
 def test_the_eager_kernel_gives_the_same_logits_and_the_models_own_comes_back(tok):

@@ -55,14 +55,15 @@ def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def packed(seqs: list[list[int]], width: int, pad: int, device
+def packed(seqs: list[list[int]], width: int, pad: int, device, dtype=torch.float32
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Sequences laid end to end in rows (``pack_rows``) -> (ids ``[R, W]``, additive attention
-    mask ``[R, 1, W, W]``: 0 where a token sees an earlier token of its own sequence, the float
-    minimum elsewhere, position ids ``[R, W]`` restarting at 0 for each sequence, and each
-    sequence's ``(row, offset)``). The same tokens as ``right_pad`` without its padding: a step of a
-    single edit runs a dozen sequences of very different lengths, and a third of a padded batch
-    is padding that every matmul still computes."""
+    mask ``[R, 1, W, W]`` in ``dtype`` (the model's, as transformers' own masks): 0 where a token
+    sees an earlier token of its own sequence, the dtype's minimum elsewhere; position ids
+    ``[R, W]`` restarting at 0 for each sequence; each sequence's ``(row, offset)``). The same
+    tokens as ``right_pad`` without its padding: a step of a single edit runs a dozen sequences
+    of very different lengths, and a third of a padded batch is padding that every matmul still
+    computes."""
     groups = pack_rows([len(s) for s in seqs], width)
     wide = max(sum(len(seqs[i]) for i in g) for g in groups)
     ids = torch.full((len(groups), wide), pad, dtype=torch.long)
@@ -84,7 +85,7 @@ def packed(seqs: list[list[int]], width: int, pad: int, device
     # a padding position sees itself only (a row of nothing but the minimum would still be finite,
     # but its output is never read either way)
     see = (same & causal & (seg[:, :, None] >= 0)) | torch.eye(wide, dtype=torch.bool)
-    mask = torch.zeros(see.shape, dtype=torch.float32).masked_fill(~see, torch.finfo(torch.float32).min)
+    mask = torch.zeros(see.shape, dtype=dtype).masked_fill(~see, torch.finfo(dtype).min)
     return ids.to(device), mask[:, None].to(device), pos.to(device), where
 
 
@@ -114,6 +115,7 @@ class ModelRunner:
         self._layers = _layer_list(self.adapter)
         # the attention window of a family with sliding-window layers (None: every layer sees all)
         self.window = getattr(model.config, "sliding_window", None)
+        self.dtype = self.adapter.lm_head.weight.dtype  # the model's float dtype
 
     def head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states -> logits (with the family's final soft-capping, if any);
@@ -223,7 +225,8 @@ class TrainBatch:
             self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
             where = [(i, 0) for i in range(len(seqs))]
         else:
-            self.ids, self.mask, self.pos, where = packed(seqs, pack, runner.pad, runner.device)
+            self.ids, self.mask, self.pos, where = packed(seqs, pack, runner.pad, runner.device,
+                                                          runner.dtype)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
         self.rows, self.cols, self.labels, self.owner = [], [], [], []
         for i, (p, t) in enumerate(pairs):
