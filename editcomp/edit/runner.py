@@ -89,6 +89,16 @@ def packed(seqs: list[list[int]], width: int, pad: int, device, dtype=torch.floa
     return ids.to(device), mask[:, None].to(device), pos.to(device), where
 
 
+def _layout(runner: ModelRunner, seqs: list[list[int]], pack: int | None):
+    """``packed`` rows when ``pack`` is set and one mask can serve every layer (no sequence longer
+    than a sliding window), else one padded row per sequence -> (ids, mask, position ids or None,
+    each sequence's ``(row, offset)``)."""
+    if pack is None or (runner.window is not None and max(map(len, seqs)) > runner.window):
+        ids, mask = right_pad(seqs, runner.pad, runner.device)
+        return ids, mask, None, [(i, 0) for i in range(len(seqs))]
+    return packed(seqs, pack, runner.pad, runner.device, runner.dtype)
+
+
 class _PassThrough(nn.Module):
     """Stands in for a decoder layer whose output is already in the cached residual stream."""
 
@@ -220,13 +230,8 @@ class TrainBatch:
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
                  nll_vocab: int | None = None, pack: int | None = None):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
-        self.pos: torch.Tensor | None = None  # position ids of a packed batch
-        if pack is None or (runner.window is not None and max(map(len, seqs)) > runner.window):
-            self.ids, self.mask = right_pad(seqs, runner.pad, runner.device)
-            where = [(i, 0) for i in range(len(seqs))]
-        else:
-            self.ids, self.mask, self.pos, where = packed(seqs, pack, runner.pad, runner.device,
-                                                          runner.dtype)
+        # pos: the position ids of a packed batch (None: padded)
+        self.ids, self.mask, self.pos, where = _layout(runner, seqs, pack)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
         self.rows, self.cols, self.labels, self.owner = [], [], [], []
         for i, (p, t) in enumerate(pairs):
