@@ -27,7 +27,6 @@ moments and a run identity (hashes of the config, the teacher, the student and t
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from editcomp.arch import get_adapter
 from editcomp.checkpoint import atomic_directory
 from editcomp.data import document_prefix
+from editcomp.decoding import next_logits
 from editcomp.distill.losses import LOSSES, distill_loss, loss_params, teacher_confidence
 from editcomp.distill.trainables import _owned_by_wrapper, _Trainables
 from editcomp.errors import CheckpointError, ConfigError, DataError, NumericalError
@@ -167,9 +167,6 @@ def generate_sequences(model, tokenizer, n: int, length: int, seed: int = 0,
     blocked = torch.zeros(vocab, dtype=torch.bool)
     blocked[[i for i in special if i < vocab]] = True
     allowed = (~blocked).nonzero().flatten()
-    # transformers >= 5.x names the KV cache ``cache``, older versions ``past_key_values``
-    cache_kw = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                else "past_key_values")
     out = []
     was = model.training
     model.eval()
@@ -181,8 +178,7 @@ def generate_sequences(model, tokenizer, n: int, length: int, seed: int = 0,
                 first = allowed[torch.randint(0, allowed.numel(), (m, 1), generator=gen)]
                 ids = torch.cat([prefix.expand(m, -1), first], 1)
                 ids = ids.to(device)
-                o = model(input_ids=ids, use_cache=True)
-                past, logits = _cache_of(o), o.logits[:, -1]
+                logits, past = next_logits(model, ids)
                 while ids.shape[1] < length:
                     logits = logits.float().masked_fill(blocked.to(logits.device), -math.inf)
                     probs = torch.softmax(logits, -1).cpu()
@@ -190,18 +186,13 @@ def generate_sequences(model, tokenizer, n: int, length: int, seed: int = 0,
                     ids = torch.cat([ids, nxt], 1)
                     if ids.shape[1] == length:
                         break
-                    o = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
-                    past, logits = _cache_of(o), o.logits[:, -1]
+                    logits, past = next_logits(model, nxt, past)
                 out.append(ids[:, :length].cpu())
                 bar.update(m)
     finally:
         bar.close()
         model.train(was)
     return torch.cat(out)
-
-
-def _cache_of(output):
-    return output.get("cache", None) or output.get("past_key_values", None)
 
 
 def fact_sequences(tokenizer, facts) -> list[tuple[list[int], list[int]]]:

@@ -305,7 +305,8 @@ def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
                         ) -> tuple[list[list[int]], list[int]]:
     """Token ids of ``texts`` (each followed by its answer where ``answers`` has one, a
     ``(language, answer)``), then the model's greedy continuation of ``n`` tokens; and where each
-    text's own tokens end (before the answer)."""
+    text's own tokens end (before the answer). Decodes 64 rows at a time: a step reads every
+    weight, so gemma3-270m continued 64 sampled questions in 6.7 s thus, 12.8 s 16 at a time."""
     ids, ends = [], []
     for t, a in zip(texts, answers or [None] * len(texts)):
         p, ans = encode_prompt_target(tokenizer, t, a[1], a[0]) if a else (
@@ -313,7 +314,7 @@ def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
         ids.append(list(p) + list(ans))
         ends.append(len(p) - 1)
     if n and ids:
-        conts = greedy_continuations(model, tokenizer, ids, n)
+        conts = greedy_continuations(model, tokenizer, ids, n, batch_size=64)
         ids = [p + c for p, c in zip(ids, conts)]
     return ids, ends
 
