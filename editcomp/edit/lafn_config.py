@@ -142,8 +142,9 @@ class LAFNConfig:
     #                               locality en/de 0.930/0.963 -> 0.958/0.969, en/zh 0.930/0.834
     #                               -> 0.929/0.899 (de/fr/es/zh rows: mean 0.914 -> 0.936);
     #                               generality -0.01 to -0.04; 5.2-6.5 -> 9.1-11.1 s
-    #                               per edit, plus ~300 s to sample the pool once per call. Off
-    #                               by default for that cost: a one-fact call would pay it whole
+    #                               per edit, plus sampling the pool once per call (then ~300 s,
+    #                               now ~60 s a language with its answer activations). Off by
+    #                               default for that cost: a one-fact call would pay it whole
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
