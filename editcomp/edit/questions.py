@@ -124,7 +124,7 @@ def sample_continuations(model, ids: torch.Tensor, n: int, max_new_tokens: int, 
     cache.batch_repeat_interleave(n)
     logits = logits.float().expand(n, -1)
     rows = torch.arange(n)
-    stop_ids = torch.tensor(stop, device=ids.device)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=ids.device)
     seqs: list[list[int]] = [[] for _ in range(n)]
     for step in range(max_new_tokens):
         u = torch.rand(n)[rows]
