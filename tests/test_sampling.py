@@ -1,13 +1,13 @@
-"""The nucleus sampler behind the unrelated questions (questions.py): the tokens it may pick,
-how often, and that decoding rows together from a shared prompt cache picks what decoding each
-row alone, without a cache, picks."""
+"""The nucleus sampler behind the unrelated questions (decoding.py, used by questions.py): the
+tokens it may pick, how often, and that decoding rows together from a shared prompt cache picks
+what decoding each row alone, without a cache, picks."""
 
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from editcomp.device import seeded
-from editcomp.edit.questions import nucleus_pick, sample_continuations
+from editcomp.decoding import nucleus_pick, sample_continuations
 from editcomp.tiny import tiny_model
 
 
