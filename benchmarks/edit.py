@@ -183,6 +183,8 @@ class Tally:
 def run_lang(model, tok, lang, args, rows, windows, ppl_before):
     path = DATA / "bmike53-zsre" / f"zsre_test_{lang}.json"
     facts = load_facts(path, langs=["en", lang], limit=args.cases, skip_missing_langs=True)
+    if args.only:
+        facts = [f for f in facts if str(f.case_id) in args.only.split(",")]
     langs = ["en", lang]
     ref = locality_reference(model, tok, facts, langs, progress=False)
     saved = snapshot(model)
@@ -285,6 +287,9 @@ def main():
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--langs", default="de,fr,zh,es")
     ap.add_argument("--cases", type=int, default=100, help="First N cases of each language file.")
+    ap.add_argument("--only", default=None,
+                    help="Comma-separated case ids: of the first --cases, run only these (to "
+                    "re-run the cases a change touches; single and cross edits are deterministic).")
     ap.add_argument("--protocols", default="single,cross,batch")
     ap.add_argument("--methods", default="lafn,ft-l",
                     help="lafn, ft-l, and the ablations " + ", ".join(ABLATIONS)

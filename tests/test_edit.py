@@ -298,6 +298,27 @@ def test_a_fact_whose_shared_neurons_are_all_banned_falls_back_to_its_best_candi
     assert kept == [{}] and report["facts_without_neurons"] == 1
 
 
+def test_a_fact_with_too_few_shared_neurons_is_topped_up_from_its_candidates():
+    """Neuron 5 is the one all four prompts share; 7 fires strongly in half of them, 9 weakly
+    in the other half. Below ``min_neurons`` shared, the fact takes its ``max_neurons`` most
+    consistent candidates: the shared one first, then 7."""
+    items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,)) for lang in ("en", "de", "en", "de")]
+    acts = torch.rand(1, len(items), 64) * 0.1
+    acts[0, :, 5] = 5.0
+    acts[0, :2, 7] = 4.0
+    acts[0, 2:, 9] = 1.0
+    cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=None, form_share=None,
+               max_neurons=2)
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, min_neurons=2))
+    assert kept == [{0: [5, 7]}] and report["facts"][0]["fallback"]
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, min_neurons=1))
+    assert kept == [{0: [5]}] and not report["facts"][0]["fallback"]
+    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg, min_neurons=2, fallback=False))
+    assert kept == [{0: [5]}]
+    with pytest.raises(ConfigError, match="min_neurons"):
+        LocateConfig(min_neurons=0).validate()
+
+
 def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
     """KL over each position's own top tokens of the unedited model (plus the edit targets, each
     token once) is the renormalized full distribution there, close to the full KL once the model

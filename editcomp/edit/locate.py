@@ -11,8 +11,8 @@ for everything (massive-activation neurons) and are dropped: editing them would 
 answers. So are neurons that are candidates at ``form_share`` of the unrelated prompts' *last*
 tokens: they mark the prompt's form ("a question ends here"), fire at every question's answer
 position, and editing them made unrelated questions answer with the edit's target (gemma3-270m,
-6 BMIKE-53 de cases: German locality 0.61 with them, 0.98 without). A fact left with none of
-its shared neurons falls back to its most consistent unbanned candidates (``fallback``).
+6 BMIKE-53 de cases: German locality 0.61 with them, 0.98 without). A fact left with too few
+of its shared neurons falls back to its most consistent unbanned candidates (``fallback``).
 
 ``editcomp edit ... --report FILE`` writes the location report (layer histogram, neurons per fact,
 overlap between languages) as JSON.
@@ -46,10 +46,13 @@ class LocateConfig:
     min_layer: float = 0.5       # consider layers from this fraction of the depth on (the upper half:
     #                              fewer layers to re-run per step; the lower half held generic neurons)
     continuation: bool = True   # also locate at the positions predicting later target tokens
-    fallback: bool = True       # a fact none of whose shared neurons survives the bans takes its
-    #                             ``max_neurons`` most consistent unbanned candidates instead of
-    #                             none, whose edit would change nothing (smollm2-135m, BMIKE-53
-    #                             de case 18: all 63 shared neurons mark the question's form)
+    fallback: bool = True       # a fact left with fewer than ``min_neurons`` shared neurons after
+    min_neurons: int = 8        # the bans takes its ``max_neurons`` most consistent unbanned
+    #                             candidates (the shared ones first) instead. With none, its
+    #                             edit would change nothing (smollm2-135m, BMIKE-53 de case 18:
+    #                             all 63 shared neurons mark the question's form); with 1-4,
+    #                             gemma3-270m could not reach the target (100 single de edits:
+    #                             cases 20, 48, 52, 76 ran 80 steps to reliability 0)
     batch_size: int = 16
 
     def validate(self) -> None:
@@ -61,6 +64,8 @@ class LocateConfig:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise ConfigError(f"{name} must be in (0, 1] or None, got {v}")
+        if self.min_neurons < 1:
+            raise ConfigError(f"min_neurons must be >= 1, got {self.min_neurons}")
         if self.max_neurons is not None and self.max_neurons < 1:
             raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
         if not 0 <= self.min_layer < 1:
@@ -248,8 +253,8 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
             score = score.maximum(mask[:, jdx].float().mean(1) * 1000 + rel[:, jdx].mean(1))
         dropped = int((sel & banned).sum())
         sel &= ~banned
-        fallback = config.fallback and not bool(sel.any())
-        if fallback:  # nothing shared survives the bans: the most consistent candidates left
+        fallback = config.fallback and int(sel.sum()) < config.min_neurons
+        if fallback:  # too few shared neurons survive the bans: the most consistent candidates
             sel = m.any(1) & ~banned
         li, ni = sel.nonzero(as_tuple=True)
         if config.max_neurons is not None and li.numel() > config.max_neurons:
