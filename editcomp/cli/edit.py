@@ -36,6 +36,10 @@ from editcomp.errors import EditcompError
                    "all languages together [default: 0.9].")
 @click.option("--max-neurons", default=None, type=int,
               help="lafn: neurons per fact at most, the most consistent first [default: 48].")
+@click.option("--min-neurons", default=None, type=int,
+              help="lafn: a fact sharing fewer neurons than this (after dropping form and generic "
+                   "ones) takes its --max-neurons most consistent candidates instead: too few "
+                   "cannot carry the edit [default: 8].")
 @click.option("--form-share", default=None, type=float,
               help="lafn: drop neurons that are candidates where this share of the unrelated "
                    "prompts end: they mark a prompt's form, not the fact [default: 0.25; 1 "
@@ -82,9 +86,9 @@ from editcomp.errors import EditcompError
 @dtype_option
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
-             top_frac, share, max_neurons, form_share, preserve_text, preserve_weight,
-             neighbors, batch_questions, foreign_answers, risk_questions, nll_floor, autocast,
-             report_file, force, device, dtype, as_json):
+             top_frac, share, max_neurons, min_neurons, form_share, preserve_text,
+             preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
+             nll_floor, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -95,13 +99,14 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     from editcomp.jobs import EditConfig, edit_job
 
     where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
-             "form_share": form_share}
+             "min_neurons": min_neurons, "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
                              or nll_floor is not None):
-        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --form-share, "
+        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
+                            "--form-share, "
                             "--neighbors, --batch-questions, --foreign-answers, --risk-questions, "
                             "--nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
