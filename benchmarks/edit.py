@@ -183,8 +183,9 @@ class Tally:
 def run_lang(model, tok, lang, args, rows, windows, ppl_before):
     path = DATA / "bmike53-zsre" / f"zsre_test_{lang}.json"
     facts = load_facts(path, langs=["en", lang], limit=args.cases, skip_missing_langs=True)
-    if args.only:
-        facts = [f for f in facts if str(f.case_id) in args.only.split(",")]
+    if args.only:  # re-run these cases only
+        only = set(args.only.split(","))
+        facts = [f for f in facts if str(f.case_id) in only]
     langs = ["en", lang]
     ref = locality_reference(model, tok, facts, langs, progress=False)
     saved = snapshot(model)
