@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-METRICS = ("reliability", "generality", "locality", "portability")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from editcomp.eval.edit_metrics import METRICS  # noqa: E402
 
 
 def splice(base_rows: list[dict], rerun_rows: list[dict], controls: set[str]) -> list[dict]:
@@ -33,11 +35,10 @@ def splice(base_rows: list[dict], rerun_rows: list[dict], controls: set[str]) ->
                 raise ValueError(f"{row['pair']} {row['lang']} {m}: per-case mean {mean} "
                                  f"is not the row's {row[m]['acc']}")
         new = fresh.get((row["pair"], row["lang"]), {})
+        old = {c["case_id"]: c for c in row["per_case"]}
         differ = [cid for cid in controls & new.keys()
-                  if any(new[cid][k] != old[k] for old in row["per_case"] if old["case_id"] == cid
-                         for k in (*METRICS, "steps"))]
-        cases = [new[c["case_id"]] if c["case_id"] in new and c["case_id"] not in controls else c
-                 for c in row["per_case"]]
+                  if any(new[cid][k] != old[cid][k] for k in (*METRICS, "steps"))]
+        cases = [new[cid] if cid in new and cid not in controls else c for cid, c in old.items()]
 
         def both(key):
             return [round(statistics.mean(c[key] for c in cs), 3) for cs in (row["per_case"], cases)]

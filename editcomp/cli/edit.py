@@ -106,9 +106,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                              or foreign_answers is not None or risk_questions is not None
                              or nll_floor is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
-                            "--form-share, "
-                            "--neighbors, --batch-questions, --foreign-answers, --risk-questions, "
-                            "--nll-floor and "
+                            "--form-share, --neighbors, --batch-questions, --foreign-answers, "
+                            "--risk-questions, --nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
