@@ -580,9 +580,10 @@ def test_lafn_edit_takes_and_only_located_columns_change(tok, fact, autocast):
     before = copy.deepcopy(model.state_dict())
     nll0 = _target_nll(model, tok, items)
     m0 = edit_metrics(model, tok, fact, LANGS, progress=False)
-    # a random tiny model's activations are small, so its deltas must be large: no norm penalty here
+    # a random tiny model's activations are small, so its deltas must be large: no norm penalty here.
+    # 160 steps: at 80 the bf16 run held en at 2 of 3 target tokens on a CPU without native bf16
     cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, share=0.9, generic_share=None),
-                     steps=80, lr=2.0,
+                     steps=160, lr=2.0,
                      norm_weight=0.0, kl_weight=2.0, autocast=autocast)
     report = lafn_edit(model, tok, fact, cfg, LANGS, progress=False)
     assert report["train_matmuls"] == ("float32" if autocast == "off" else "bfloat16")
