@@ -319,6 +319,35 @@ def test_a_fact_with_too_few_shared_neurons_is_topped_up_from_its_candidates():
         LocateConfig(min_neurons=0).validate()
 
 
+def test_selectivity_puts_a_neuron_quiet_on_unrelated_text_first():
+    """Neurons 5 and 7 are candidates at all four prompts, 5 the stronger (6 vs 4), but 5 also
+    fires at half that all over the unrelated text, where 7 is near silent. With one neuron
+    allowed, strength takes 5 and selectivity 1 takes 7. Consistency still comes first: 9, a
+    candidate at half the prompts only, however strong and quiet elsewhere, never goes first."""
+    items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,)) for lang in ("en", "de", "en", "de")]
+    acts = torch.rand(1, len(items), 64) * 0.1
+    acts[0, :, 5], acts[0, :, 7], acts[0, :2, 9] = 6.0, 4.0, 500.0
+    generic = torch.rand(1, 80, 64) * 0.1
+    generic[0, :, 5], generic[0, :, 7] = 3.0, 0.01
+    cfg = dict(min_layer=0.0, top_frac=3 / 64, share=1.0, generic_share=None, form_share=None)
+    for selectivity, first in ((0.0, 5), (1.0, 7)):
+        kept, report = locate_neurons(acts, items, 1, LocateConfig(
+            **cfg, max_neurons=1, min_neurons=1, selectivity=selectivity), generic)
+        assert kept == [{0: [first]}] and not report["facts"][0]["fallback"]
+    # below min_neurons every candidate may join: still the two consistent ones, not 9
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, max_neurons=2, min_neurons=3,
+                                                               selectivity=1.0), generic)
+    assert kept == [{0: [5, 7]}] and report["facts"][0]["fallback"]
+    with pytest.raises(ConfigError, match="selectivity"):
+        LocateConfig(selectivity=1.5).validate()
+
+
+def test_most_consistent_ranks_by_consistency_then_strength():
+    from editcomp.edit.locate import _most_consistent
+    cons, strength = torch.tensor([1.0, 0.5, 1.0, 0.5]), torch.tensor([1.0, 5000.0, 2.0, 3.0])
+    assert _most_consistent(cons, strength, 3).tolist() == [2, 0, 1]
+
+
 def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
     """KL over each position's own top tokens of the unedited model (plus the edit targets, each
     token once) is the renormalized full distribution there, close to the full KL once the model

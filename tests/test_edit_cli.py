@@ -96,18 +96,20 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--max-neurons", "3",
                   "--min-neurons", "2", "--form-share", "1.0", "--steps", "2", "--nll-floor", "0.25",
-                  "--json")
+                  "--selectivity", "0.5", "--json")
     assert res.exit_code == 0, res.output
     last = checkpoint.load(out).lineage["history"][-1]
     lafn = last["config"]
     assert lafn["steps"] == 2 and lafn["locate"]["top_frac"] == 0.2 and lafn["locate"]["share"] == 0.5
     assert lafn["locate"]["form_share"] == 1.0 and lafn["nll_floor"] == 0.25
-    assert lafn["locate"]["min_neurons"] == 2
+    assert lafn["locate"]["min_neurons"] == 2 and lafn["locate"]["selectivity"] == 0.5
     assert 0 < last["metrics"]["neurons"]["total"] <= 3
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "x",
                            "--share", "1.5"), "share must be in (0, 1]")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "w",
                            "--min-neurons", "0"), "min_neurons must be >= 1")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "v",
+                           "--selectivity", "2"), "selectivity must be in [0, 1]")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
                            "--method", "ft-l", "--top-frac", "0.1"), "apply to --method lafn only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",

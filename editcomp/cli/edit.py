@@ -40,6 +40,11 @@ from editcomp.errors import EditcompError
               help="lafn: a fact sharing fewer neurons than this (after dropping form and generic "
                    "ones) takes its --max-neurons most consistent candidates instead: too few "
                    "cannot carry the edit [default: 8].")
+@click.option("--selectivity", default=None, type=float,
+              help="lafn: under --max-neurons, rank a fact's equally consistent neurons by how "
+                   "far they fire above their own level on unrelated text (1) rather than by "
+                   "strength (0), or between: quieter neurons leak less into other answers but "
+                   "need more steps, and may miss the target [default: 0].")
 @click.option("--form-share", default=None, type=float,
               help="lafn: drop neurons that are candidates where this share of the unrelated "
                    "prompts end: they mark a prompt's form, not the fact [default: 0.25; 1 "
@@ -86,7 +91,7 @@ from editcomp.errors import EditcompError
 @dtype_option
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
-             top_frac, share, max_neurons, min_neurons, form_share, preserve_text,
+             top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
              nll_floor, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
@@ -99,15 +104,15 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     from editcomp.jobs import EditConfig, edit_job
 
     where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
-             "min_neurons": min_neurons, "form_share": form_share}
+             "min_neurons": min_neurons, "selectivity": selectivity, "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
                              or nll_floor is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
-                            "--form-share, --neighbors, --batch-questions, --foreign-answers, "
-                            "--risk-questions, --nll-floor and "
+                            "--selectivity, --form-share, --neighbors, --batch-questions, "
+                            "--foreign-answers, --risk-questions, --nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
