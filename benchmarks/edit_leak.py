@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
