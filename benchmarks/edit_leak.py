@@ -96,7 +96,7 @@ def log_probs(runner: ModelRunner, items, batch_size: int = 16) -> list[torch.Te
 
 
 def compare(tok, items, before, after, targets) -> dict:
-    """``targets``: the edit's target token ids, a set, or one set per item (single edits)."""
+    """``targets``: per item, the target token ids of the edit it was read after."""
     kl, same, to_target, was_wrong, n = 0.0, 0, 0, 0, 0
     flipped_to, where = collections.Counter(), collections.Counter()
     margins = {True: [], False: []}  # flipped or not -> the unedited model's top-1 margin
@@ -109,7 +109,7 @@ def compare(tok, items, before, after, targets) -> dict:
             if x == y:
                 same += 1
                 continue
-            to_target += y in (targets if isinstance(targets, set) else targets[k])
+            to_target += y in targets[k]
             was_wrong += x != ids[pos[j] + 1]
             flipped_to[tok.decode([y])] += 1
             where[min(j, 3)] += 1
@@ -145,7 +145,8 @@ def main():
     facts = load_facts(DATA / "bmike53-zsre" / f"zsre_test_{args.lang}.json", langs=langs,
                        limit=args.cases, skip_missing_langs=True)
     if args.only:
-        facts = [f for f in facts if str(f.case_id) in set(args.only.split(","))]
+        only = set(args.only.split(","))
+        facts = [f for f in facts if str(f.case_id) in only]
     config = LAFNConfig()
     if args.protocol == "single":
         return single(model, tok, facts, langs, config, args, out, t0)
@@ -164,7 +165,8 @@ def main():
     after = {k: log_probs(runner, v) for k, v in kinds.items()}
     targets = {t for f in facts for lang in langs
                for t in target_token_ids(tok, f.langs[lang].prompt, f.langs[lang].target, lang)}
-    result = {k: compare(tok, kinds[k], before[k], after[k], targets) for k in kinds}
+    result = {k: compare(tok, kinds[k], before[k], after[k], [targets] * len(kinds[k]))
+              for k in kinds}
     write(out, args, result, t0, edit_seconds=report["seconds"], losses=report["losses"])
 
 

@@ -250,12 +250,12 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     if generic is not None and config.generic_share is not None and generic.shape[1]:
         banned = _shared(candidates(generic.abs(), config.top_frac)[0], config.generic_share)
     n_generic = int(banned.sum())
-    if config.selectivity > 0 and generic is not None and generic.shape[1]:
-        usual = generic.abs().mean(1, keepdim=True).clamp_min(1e-6)  # [L, 1, I]
-        rel = rel.clamp_min(1e-12) ** (1 - config.selectivity) * (acts / usual) ** config.selectivity
     if generic is not None and config.form_share is not None and generic_ends:
         banned |= _shared(candidates(generic[:, generic_ends].abs(), config.top_frac)[0],
                           config.form_share)
+    if config.selectivity > 0 and generic is not None and generic.shape[1]:
+        usual = generic.abs().mean(1, keepdim=True).clamp_min(1e-6)  # [L, 1, I]
+        rel = rel.clamp_min(1e-12) ** (1 - config.selectivity) * (acts / usual) ** config.selectivity
     per_fact: list[dict[int, list[int]]] = []
     fact_rows = []
     overlap: dict[str, list[float]] = {}
