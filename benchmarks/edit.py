@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from editcomp import checkpoint  # noqa: E402
 from editcomp.arch import get_adapter  # noqa: E402
 from editcomp.data import load_facts, load_text, token_windows  # noqa: E402
+from editcomp.device import peak_memory_mb  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import (preservation_moments, sampled_questions,  # noqa: E402
@@ -300,6 +301,9 @@ def main():
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (the default: the issue's speed targets are for this CPU), cuda, or auto")
+    ap.add_argument("--dtype", default="fp32", help="fp32, bf16, or auto (bf16 on CUDA, else fp32)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.langs = [s for s in args.langs.split(",") if s]
@@ -310,7 +314,7 @@ def main():
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"edit_{args.model}.json")
     torch.manual_seed(0)
     t0 = time.time()
-    ck = checkpoint.load(args.model, device="cpu", dtype="fp32")
+    ck = checkpoint.load(args.model, device=args.device, dtype=args.dtype)
     model, tok = ck.model, ck.tokenizer
     windows = (token_windows(tok, DATA / "wikitext-2" / "test.txt", args.seq_len, args.ppl_windows)
                if args.ppl_windows and "batch" in args.protocols else None)
@@ -326,6 +330,7 @@ def main():
     for lang in args.langs:
         run_lang(model, tok, lang, args, rows, windows, ppl_before)
     args.wall_seconds = time.time() - t0
+    args.peak_memory_mb = round(peak_memory_mb(next(model.parameters()).device))
     dump(rows, args)
     print(table(rows))
     print(f"\nwall time {args.wall_seconds:.0f} s; json: {args.out}")
