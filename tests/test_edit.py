@@ -276,6 +276,23 @@ def test_a_neuron_firing_where_every_unrelated_question_ends_is_dropped():
     assert kept == [{0: [3, 5]}]
 
 
+def test_neurons_of_the_target_s_later_tokens_join_only_with_continuation():
+    """Two-token targets: neuron 5 fires at every last prompt token, neuron 9 at every position
+    that predicts the second target token (inside the answer). By default a fact's neurons are
+    those of its last prompt tokens only; with ``continuation`` neuron 9 joins them."""
+    items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3, 4)) for lang in ("en", "de", "en", "de")]
+    obs = [(i, j) for i in range(len(items)) for j in (0, 1)]
+    acts = torch.rand(1, len(obs), 64) * 0.1
+    acts[0, 0::2, 5] = 5.0  # j = 0: the last prompt token
+    acts[0, 1::2, 9] = 5.0  # j = 1: predicting the target's second token
+    cfg = dict(min_layer=0.0, top_frac=1 / 64, share=1.0, generic_share=None, form_share=None,
+               min_neurons=1)
+    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg), obs=obs)
+    assert kept == [{0: [5]}]
+    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg, continuation=True), obs=obs)
+    assert kept == [{0: [5, 9]}]
+
+
 def test_a_fact_whose_shared_neurons_are_all_banned_falls_back_to_its_best_candidates():
     """Neuron 3 is the only one all four prompts share, and it marks the prompts' form; neuron
     7 fires strongly in half the prompts, 9 weakly in the other half. The fallback takes the

@@ -39,7 +39,7 @@ from editcomp.errors import EditcompError
 @click.option("--min-neurons", default=None, type=int,
               help="lafn: a fact sharing fewer neurons than this (after dropping form and generic "
                    "ones) takes its --max-neurons most consistent candidates instead: too few "
-                   "cannot carry the edit [default: 8].")
+                   "cannot carry the edit [default: 24].")
 @click.option("--selectivity", default=None, type=float,
               help="lafn: under --max-neurons, rank a fact's equally consistent neurons by how "
                    "far they fire above their own level on unrelated text (1) rather than by "
