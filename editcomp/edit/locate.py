@@ -209,12 +209,15 @@ def end_columns(lengths: list[int], ends: list[int]) -> list[int]:
 
 
 def item_activations(runner: ModelRunner, items: list[TrainItem], batch_size: int = 16,
-                     progress: bool = False) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Activations at the last prompt token and at each position that predicts a later target token
-    -> (``[L, n_obs, I]``, ``[(item, target position), ...]``; position 0 = the last prompt token)."""
+                     progress: bool = False, continuation: bool = True
+                     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Activations at the last prompt token and (``continuation``) at each position that predicts
+    a later target token -> (``[L, n_obs, I]``, ``[(item, target position), ...]``; position 0 =
+    the last prompt token)."""
     seqs = [list(it.prompt_ids) + list(it.target_ids[:-1]) for it in items]
-    positions = [[len(it.prompt_ids) - 1 + j for j in range(len(it.target_ids))] for it in items]
-    obs = [(i, j) for i, it in enumerate(items) for j in range(len(it.target_ids))]
+    depth = [len(it.target_ids) if continuation else 1 for it in items]
+    positions = [[len(it.prompt_ids) - 1 + j for j in range(d)] for it, d in zip(items, depth)]
+    obs = [(i, j) for i, d in enumerate(depth) for j in range(d)]
     return activations_at(runner, seqs, positions, batch_size, progress), obs
 
 
@@ -349,7 +352,7 @@ def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, co
                    progress: bool = False):
     """Run the training and unrelated prompts and locate -> ``(per_fact, report, generic)``
     (``generic``: the unrelated prompts' signed activations, or None; ``kl_ends`` as in ``locate``)."""
-    acts, obs = item_activations(runner, items, config.batch_size, progress)
+    acts, obs = item_activations(runner, items, config.batch_size, progress, config.continuation)
     generic, ends = None, None
     if kl_prompts:
         generic = generic_activations(runner, kl_prompts, config.batch_size)
