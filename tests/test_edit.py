@@ -591,6 +591,83 @@ def test_the_preservation_term_is_the_output_change_on_generic_text(tok):
     assert float(d.preservation()) > 0
 
 
+def test_moments_at_given_positions_count_only_those_positions(tok):
+    """activation_moments(positions=...) is X^T X / n over exactly those positions (here the
+    answer positions of two sequences of different lengths, batched with padding)."""
+    from editcomp.edit.locate import activation_moments
+    model = tiny_model()
+    runner = ModelRunner(model, tok)
+    seqs = [tok("Who wrote the long novel? Herman")["input_ids"], tok("Where is it?")["input_ids"]]
+    positions = [[len(seqs[0]) - 2, len(seqs[0]) - 1], [len(seqs[1]) - 1]]
+    down = get_adapter(model).layer(1).down
+    box = []
+    h = down.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()))
+    with torch.no_grad():
+        for sq in seqs:  # one at a time: no padding
+            runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
+    h.remove()
+    x = torch.cat([b[0, pos] for b, pos in zip(box, positions)])
+    moments = activation_moments(runner, seqs, [1], positions=positions)
+    assert torch.allclose(moments[1], x.T @ x / 3, rtol=1e-4, atol=1e-8)
+    everywhere = activation_moments(runner, seqs, [1])
+    assert not torch.allclose(moments[1], everywhere[1], rtol=1e-2)
+
+
+def test_answer_preservation_is_the_preservation_term_on_the_answer_moments(tok):
+    from editcomp.edit.lafn import NeuronDeltas
+    model = tiny_model()
+    c = torch.randn(64, get_adapter(model).layer(1).down.weight.shape[1])
+    moments = {1: c.T @ c / 64}
+    d = NeuronDeltas(model, {1: [3, 4, 9]}, answer_moments=moments)
+    with torch.no_grad():
+        d.u[1].copy_(torch.randn_like(d.u[1]))
+    assert float(d.preservation()) == 0.0  # no generic text: that term is off
+    same = NeuronDeltas(model, {1: [3, 4, 9]}, moments=moments)
+    with torch.no_grad():
+        same.u[1].copy_(d.u[1])
+    assert torch.allclose(d.answer_preservation(), same.preservation())
+    assert float(d.answer_preservation()) > 0
+
+
+def test_answer_preservation_keeps_a_single_edit_off_the_questions_answers(tok, fact):
+    """A fact edited alone with ``answer_preserve`` changes down_proj's output where the pool's
+    questions are answered less than without it: the pool's answer moments reach the optimizer."""
+    from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
+    model, _, _, _ = planted(tok, fact)
+    texts = ("The weather was mild and the river ran quietly past the town. Where is the river?",
+             "Who painted the ceiling of the chapel in the town by the river?")
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=30, lr=2.0,
+                     norm_weight=0.0, kl_weight=0.0, preserve_weight=0.0, batch_questions=0)
+    pool = with_answer_activations(model, tok, unrelated_prompts(
+        model, tok, LANGS, replace(cfg, kl_prompts=texts, kl_answers=False, kl_continuation=4)))
+    seqs = [list(p) for p in pool.ids]
+    layers = [get_adapter(model).num_layers - 2, get_adapter(model).num_layers - 1]
+    answers = [list(range(e, len(p))) for p, e in zip(pool.ids, pool.ends)]
+
+    def at_answers(m):
+        out = []
+        for li in layers:
+            runner, box = ModelRunner(m, tok), []
+            h = get_adapter(m).layer(li).down.register_forward_hook(
+                lambda mod, a, o: box.append(o.detach()))
+            with torch.no_grad():
+                for sq in seqs:
+                    runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
+            h.remove()
+            out.append(torch.cat([b[0, pos] for b, pos in zip(box, answers)]))
+        return out
+
+    before = at_answers(model)
+    changes = []
+    for weight in (0.0, 10.0):
+        m = copy.deepcopy(model)
+        report = lafn_edit(m, tok, fact, replace(cfg, answer_preserve=weight), LANGS,
+                           progress=False, questions=pool)
+        assert report["neurons"]["total"] > 0
+        changes.append(sum(float((a - b).pow(2).mean()) for a, b in zip(at_answers(m), before)))
+    assert changes[0] > 0 and changes[1] < 0.5 * changes[0]
+
+
 def test_kl_groups_rotate_the_unrelated_prompts_over_steps(tok, fact):
     """Each batch carries a share of the KL prompts; a round of batches covers all of them once."""
     from editcomp.edit.runner import build_batches

@@ -121,6 +121,11 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
                    "lafn only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
                            "--foreign-answers", "-1"), "foreign_answers must be >= 0")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
+                           "--method", "ft-l", "--answer-preserve", "1"), "--answer-preserve",
+                   "lafn only")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
+                           "--answer-preserve", "-1"), "answer_preserve must be >= 0")
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
 
 
@@ -212,16 +217,21 @@ def test_a_missing_default_preservation_text_says_how_to_go_on(tiny_ckpt, tmp_pa
     assert not out.exists()
 
 
-def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path):
+def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path, monkeypatch):
     text = _bad(tmp_path, GENERIC, "generic.txt")
+    asked = []
+    monkeypatch.setattr("editcomp.edit.lafn.sample_questions",  # --answer-preserve samples them
+                        lambda model, tok, lang, n, seed=0: asked.append(lang) or [
+                            "Who painted the ceiling?", "Where is the old bridge?"][:n])
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--form-share", "1.0",
                   "--steps", "3", "--preserve-text", text, "--preserve-weight", "7",
-                  "--neighbors", "1", "--json")
+                  "--neighbors", "1", "--answer-preserve", "3", "--batch-questions", "2", "--json")
     assert res.exit_code == 0, res.output
     last = checkpoint.load(out).lineage["history"][-1]
     assert last["config"]["preserve_weight"] == 7.0 and last["config"]["neighbors"] == 1
+    assert last["config"]["answer_preserve"] == 3.0 and asked == ["en", "de"]
     assert last["preserve_text"] == {"path": str(text), "sha256": facts_sha256(text)}
 
 

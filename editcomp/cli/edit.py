@@ -78,6 +78,11 @@ from editcomp.errors import EditcompError
               help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
                    "questions, how many whose answers most excite the fact's located neurons "
                    "join its KL term, where its edit would otherwise leak [default: 0].")
+@click.option("--answer-preserve", default=None, type=float,
+              help="lafn: weight of a second preservation term, over the positions where the "
+                   "sampled questions (--batch-questions) are answered: where an edit leaks "
+                   "its target into other answers. Costs some generality and, for a fact edited "
+                   "alone, sampling those questions once [default: 0].")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "
@@ -93,7 +98,7 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             nll_floor, autocast, report_file, force, device, dtype, as_json):
+             answer_preserve, nll_floor, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -109,16 +114,18 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
-                             or nll_floor is not None):
+                             or answer_preserve is not None or nll_floor is not None):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
-                            "--foreign-answers, --risk-questions, --nll-floor and "
+                            "--foreign-answers, --risk-questions, --answer-preserve, "
+                            "--nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
                                     ("batch_questions", batch_questions),
                                     ("foreign_answers", foreign_answers),
                                     ("risk_questions", risk_questions),
+                                    ("answer_preserve", answer_preserve),
                                     ("nll_floor", nll_floor)) if v is not None}
     lafn_extra["autocast"] = autocast
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,

@@ -54,14 +54,18 @@ class NeuronDeltas:
     """
 
     def __init__(self, model, neurons: dict[int, list[int]], text_acts: torch.Tensor | None = None,
-                 moments: dict[int, torch.Tensor] | None = None):
+                 moments: dict[int, torch.Tensor] | None = None,
+                 answer_moments: dict[int, torch.Tensor] | None = None):
         """``text_acts`` ``[layers, positions, intermediate]``: signed activations on unrelated text;
         with them the penalty is the change of the edited columns' output there (see
         ``relative_norm``) instead of the plain size of the change. ``moments``: ``{layer: C}``
-        from ``locate.activation_moments`` on generic text, for ``preservation``."""
+        from ``locate.activation_moments`` on generic text, for ``preservation``;
+        ``answer_moments``: the same where questions' answers are predicted, for
+        ``answer_preservation``."""
         self.parts = {lp.index: lp for lp in get_adapter(model).layers()}
         self.idx, self.scale, self.u, self.col_sq, self.text = {}, {}, {}, {}, {}
         self.moments, self.out_sq = {}, {}
+        self.answer_moments, self.answer_out_sq = {}, {}
         for layer, ns in sorted(neurons.items()):
             down = self.parts[layer].down
             dev = down.weight.device
@@ -75,10 +79,12 @@ class NeuronDeltas:
                 self.text[layer] = x / max(1, x.shape[0]) ** 0.5
                 weight = self.text[layer].pow(2).sum(0).clamp_min(1e-12)
             self.col_sq[layer] = (cols.pow(2).sum(0) * weight).sum()
-            if moments is not None and layer in moments:
-                c = moments[layer][idx.cpu()][:, idx.cpu()].to(dev)
-                self.moments[layer] = c
-                self.out_sq[layer] = (cols.pow(2).sum(0) * c.diagonal()).sum()
+            for given, kept, out_sq in ((moments, self.moments, self.out_sq),
+                                        (answer_moments, self.answer_moments, self.answer_out_sq)):
+                if given is not None and layer in given:
+                    c = given[layer][idx.cpu()][:, idx.cpu()].to(dev)
+                    kept[layer] = c
+                    out_sq[layer] = (cols.pow(2).sum(0) * c.diagonal()).sum()
             self.u[layer] = torch.zeros(len(ns), down.weight.shape[0], device=down.weight.device,
                                         requires_grad=True)
         self._handles = []
@@ -106,11 +112,19 @@ class NeuronDeltas:
         stream on generic text (``C``: the edited columns' activation second moments there),
         relative to those columns' own output there. Cross terms count: co-firing neurons'
         changes may cancel on text while they add up on the fact's prompts."""
-        if not self.moments:  # no generic text given: no term
+        return self._relative_change(self.moments, self.out_sq)
+
+    def answer_preservation(self) -> torch.Tensor:
+        """``preservation`` where questions' answers are predicted (``answer_moments``): the
+        positions a locality probe scores, where an edit's target leaks."""
+        return self._relative_change(self.answer_moments, self.answer_out_sq)
+
+    def _relative_change(self, moments: dict, out_sq: dict) -> torch.Tensor:
+        if not moments:  # no text given: no term
             return torch.zeros(())
         num = sum(((c @ self.delta(layer)) * self.delta(layer)).sum()
-                  for layer, c in self.moments.items())
-        return num / sum(self.out_sq.values()).clamp_min(1e-12)
+                  for layer, c in moments.items())
+        return num / sum(out_sq.values()).clamp_min(1e-12)
 
     def __enter__(self):
         for layer in self.u:
@@ -149,11 +163,13 @@ def _merge(groups: list[dict[int, list[int]]]) -> dict[int, list[int]]:
 
 def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, config: LAFNConfig,
                 progress: bool, preserve: dict | None = None,
-                risk_pool: UnrelatedPrompts | None = None) -> dict:
+                risk_pool: UnrelatedPrompts | None = None,
+                answers: dict[int, torch.Tensor] | None = None) -> dict:
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
     unrelated prompt's own text ends (its continuation follows). ``risk_pool``: questions with
     ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term (given
-    only when that applies)."""
+    only when that applies). ``answers``: ``answer_moments`` of the sampled questions, for the
+    ``config.answer_preserve`` term."""
     runner = ModelRunner(model, tokenizer)
     per_fact, loc_report, generic = run_and_locate(runner, items, len(facts), config.locate,
                                                    kl_ids, kl_ends, progress)
@@ -166,7 +182,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                 "train": None, "written": {}}
     kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
     deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
-                          preserve if config.preserve_weight > 0 else None)
+                          preserve if config.preserve_weight > 0 else None, answers)
     risky = []
     if risk_pool is not None:
         risky = riskiest(risk_pool, neurons, config.risk_questions,
@@ -187,7 +203,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          config.learning_rate(len(facts)),
                          kl_weight=config.kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
-                                          + config.preserve_weight * deltas.preservation()),
+                                          + config.preserve_weight * deltas.preservation()
+                                          + config.answer_preserve * deltas.answer_preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn",
                          nll_floor=config.target_floor(len(facts)),
                          lr_growth=config.lr_growth_for(len(facts)),
@@ -210,6 +227,9 @@ class UnrelatedPrompts:
     #: ``[layers, n, intermediate]``: each prompt's mean |FFN activation| where its answer is
     #: predicted (``with_answer_activations``), by which ``riskiest`` ranks them; None: not made
     answer_acts: torch.Tensor | None = None
+    #: ``{layer: [I, I]}``: the FFN activations' second moments at those positions of all the
+    #: prompts (``with_answer_activations``), for ``NeuronDeltas.answer_preservation``
+    answer_moments: dict | None = None
     #: each prompt's language (how an answer joins it: ``with_foreign_answers``); None: not kept
     row_langs: tuple[str, ...] | None = None
 
@@ -272,10 +292,22 @@ def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts) -> Unre
     """``prompts`` with ``answer_acts``: the unedited model's mean |FFN activation| over each
     prompt's positions from its own last token on (they predict its answer and continuation,
     where a locality probe is scored). Made once per unedited model, like the prompts."""
-    positions = [list(range(e, len(p))) for p, e in zip(prompts.ids, prompts.ends)]
     acts = mean_activations(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
-                            positions)
-    return replace(prompts, answer_acts=acts)
+                            _answer_positions(prompts))
+    return replace(prompts, answer_acts=acts, answer_moments=answer_moments(model, tokenizer, prompts))
+
+
+def answer_moments(model, tokenizer, prompts: UnrelatedPrompts) -> dict[int, torch.Tensor]:
+    """The unedited model's FFN activation moments (``locate.activation_moments``) over every
+    prompt's positions from its own last token on, in every layer: where its answer is
+    predicted and spelled, which is where a locality probe is scored."""
+    return activation_moments(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
+                              list(range(get_adapter(model).num_layers)),
+                              positions=_answer_positions(prompts))
+
+
+def _answer_positions(prompts: UnrelatedPrompts) -> list[list[int]]:
+    return [list(range(e, len(p))) for p, e in zip(prompts.ids, prompts.ends)]
 
 
 def riskiest(pool: UnrelatedPrompts, neurons: dict[int, list[int]], n: int,
@@ -297,8 +329,10 @@ def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> Unrelated
     acts = prompts.answer_acts[:, rows] if prompts.answer_acts is not None else None
     row_langs = (tuple(prompts.row_langs[k] for k in rows) if prompts.row_langs is not None
                  else None)
+    # the moments keep a dropped question's share: a few of hundreds, and they are only a penalty
     return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
-                            tuple(prompts.ends[k] for k in rows), prompts.langs, acts, row_langs)
+                            tuple(prompts.ends[k] for k in rows), prompts.langs, answer_acts=acts,
+                            row_langs=row_langs, answer_moments=prompts.answer_moments)
 
 
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
@@ -353,9 +387,11 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
     prompts, and their tokens' moments the preservation text. A fact edited alone takes the
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
-    ``with_answer_activations`` to edit many facts from one pool). ``answer_spans``: names and
-    dates of generic text (``answers.answer_spans``), which facts edited together take as the
-    sampled questions' foreign answers (``config.foreign_answers``); None: none.
+    ``with_answer_activations`` to edit many facts from one pool). With ``config.answer_preserve``
+    an edit also keeps its columns' output where those questions are answered (alone or
+    together). ``answer_spans``: names and dates of generic text (``answers.answer_spans``),
+    which facts edited together take as the sampled questions' foreign answers
+    (``config.foreign_answers``); None: none.
     """
     config = config or LAFNConfig()
     config.validate()
@@ -367,6 +403,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     kl_texts = list(unrelated.texts)
     kl_ids, kl_ends = [list(p) for p in unrelated.ids], list(unrelated.ends)
     n_questions = 0
+    answers = None  # moments where the sampled questions are answered (``answer_preserve``)
     alone = len(facts) == 1 or config.sequential  # each fact trained by itself
     if not alone and config.batch_questions > 0:
         if questions is None:
@@ -380,6 +417,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             else:  # filtered again: a drawn answer may name an edited subject
                 questions = _without_subjects(with_foreign_answers(
                     tokenizer, questions, answer_spans, copies), facts)
+        if config.answer_preserve > 0 and questions.ids:
+            answers = answer_moments(model, tokenizer, questions)
         kl_texts += questions.texts
         kl_ids += [list(p) for p in questions.ids]
         kl_ends += questions.ends
@@ -388,19 +427,24 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
-    if alone and config.risk_questions > 0 and config.kl_weight > 0:
+    wants_risk = config.risk_questions > 0 and config.kl_weight > 0
+    if alone and (wants_risk or config.answer_preserve > 0):
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
-        risk_pool = _without_subjects(questions, facts)
-        if risk_pool.answer_acts is None:
-            risk_pool = with_answer_activations(model, tokenizer, risk_pool)
+        pool = _without_subjects(questions, facts)
+        if pool.answer_acts is None:
+            pool = with_answer_activations(model, tokenizer, pool)
+        risk_pool = pool if wants_risk else None
+        if config.answer_preserve > 0:
+            answers = pool.answer_moments
     runs = []
     for g in tqdm(groups, desc="facts", unit="fact", disable=not progress or len(groups) < 2):
         sub_items = [it for it in items if it.fact in g]
         remap = {fi: j for j, fi in enumerate(g)}
         sub_items = [replace(it, fact=remap[it.fact]) for it in sub_items]
         runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, kl_ends,
-                                config, progress and len(groups) < 2, preserve, risk_pool))
+                                config, progress and len(groups) < 2, preserve, risk_pool,
+                                answers))
     hist = [0] * get_adapter(model).num_layers
     per_fact = []
     for g, r in zip(groups, runs):

@@ -144,7 +144,25 @@ class LAFNConfig:
     #                               generality -0.01 to -0.04; 5.2-6.5 -> 9.1-11.1 s
     #                               per edit, plus sampling the pool once per call (then ~300 s,
     #                               now ~60 s a language with its answer activations). Off by
-    #                               default for that cost: a one-fact call would pay it whole
+    #                               default for that cost: a one-fact call would pay it whole.
+    #                               With the session-28 location it no longer helps: the first
+    #                               30 zh cases, 0 -> 8: locality 0.928/0.914 -> 0.923/0.904,
+    #                               9.95 -> 16.2 s per edit (``answer_preserve`` does better)
+
+    answer_preserve: float = 0.0  # weight of the preservation term over the sampled questions'
+    #                               answer positions (their last token and what follows it:
+    #                               lafn.answer_moments, NeuronDeltas.answer_preservation), where
+    #                               a single edit's worst leaks are: the target's token as the
+    #                               first answer token of another question. gemma3-270m, the
+    #                               first 30 single zh edits, 0 / 5 / 10 in one run: locality
+    #                               en/zh 0.928/0.914 / 0.952/0.902 / 0.953/0.934, generality
+    #                               0.987/0.982 / 0.976/0.928 / 0.877/0.929, 9.95 / 10.9 / 12.9 s
+    #                               per edit plus ~90 s sampling the questions once. The de batch
+    #                               of 100 at 20 lost locality and reliability (0.873/0.783 ->
+    #                               0.846/0.739; 0.93/0.91 -> 0.90/0.86; session 28's row). Off: it
+    #                               trades generality and time for locality. With
+    #                               risk_questions 8 at 5: locality 0.960/0.924, generality
+    #                               0.904/0.935, 19.6 s (benchmarks/results/README.md, session 29)
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -237,7 +255,8 @@ class LAFNConfig:
             raise ConfigError(f"attention must be a kernel name or None, got {self.attention!r}")
         if self.paraphrases < 0:
             raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
-        for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor"):
+        for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor",
+                     "answer_preserve"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

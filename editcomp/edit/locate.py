@@ -168,21 +168,33 @@ def mean_activations(runner: ModelRunner, seqs: list[list[int]], positions: list
 
 
 def activation_moments(runner: ModelRunner, seqs: list[list[int]], layers: list[int],
-                       batch_size: int = 8, progress: bool = False) -> dict[int, torch.Tensor]:
+                       batch_size: int = 8, progress: bool = False,
+                       positions: list[list[int]] | None = None) -> dict[int, torch.Tensor]:
     """Second moments ``C = X^T X / n`` of the FFN activations (down_proj's input, signed) over
-    every real token of ``seqs``, for each of ``layers`` -> ``{layer: [I, I]}`` (fp32, on CPU).
+    every real token of ``seqs`` (or only each sequence's ``positions``), for each of ``layers``
+    -> ``{layer: [I, I]}`` (fp32, on CPU).
 
     ``tr(D^T C[idx, idx] D)`` is then the mean squared change of the residual stream that deltas
     ``D`` on the columns ``idx`` cause on that text, without running the model: LAFN's
     preservation term (MEMIT's, restricted to the located columns)."""
     sums: dict[int, torch.Tensor] = {}
+    counted: dict[int, torch.Tensor] = {}  # batch start -> [b, T] bool: the positions that count
 
     def take(li, x, s, mask):
-        a = x[mask.bool()].float()
+        if positions is None:
+            keep = mask.bool()
+        else:
+            if s not in counted:
+                counted.clear()
+                counted[s] = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+                for i, pos in enumerate(positions[s:s + x.shape[0]]):
+                    counted[s][i, pos] = True
+            keep = counted[s]
+        a = x[keep].float()
         sums[li] = sums.get(li, 0) + a.T @ a
 
     _down_inputs(runner, seqs, layers, take, batch_size, "text moments", progress)
-    n = sum(len(q) for q in seqs)
+    n = sum(len(q) for q in (seqs if positions is None else positions))
     return {li: (c / max(1, n)).cpu() for li, c in sums.items()}
 
 
