@@ -561,6 +561,22 @@ def test_the_text_penalty_is_the_output_change_on_that_text():
             assert float(d.relative_norm()) > 1e-3
 
 
+def down_per_sequence(model, tokenizer, seqs, layer, outputs=False) -> list[torch.Tensor]:
+    """down_proj's input (or output) in ``layer`` at every position of each of ``seqs``, run one
+    at a time (no padding) -> ``[len(seq), width]`` each."""
+    runner, box = ModelRunner(model, tokenizer), []
+    down = get_adapter(model).layer(layer).down
+    h = (down.register_forward_hook(lambda m, a, out: box.append(out.detach()[0])) if outputs
+         else down.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()[0])))
+    try:
+        with torch.no_grad():
+            for sq in seqs:
+                runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
+    finally:
+        h.remove()
+    return box
+
+
 def test_the_preservation_term_is_the_output_change_on_generic_text(tok):
     """activation_moments is X^T X / n over the real (unpadded) tokens, and the preservation
     term built from it is the mean squared change of down's output on that text, relative to
@@ -571,13 +587,7 @@ def test_the_preservation_term_is_the_output_change_on_generic_text(tok):
     runner = ModelRunner(model, tok)
     seqs = [tok("The capital of Japan is Tokyo.")["input_ids"], tok("Paris")["input_ids"]]
     down = get_adapter(model).layer(1).down
-    box = []
-    h = down.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()))
-    with torch.no_grad():
-        for sq in seqs:  # one at a time: no padding
-            runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
-    h.remove()
-    x = torch.cat([b[0] for b in box])
+    x = torch.cat(down_per_sequence(model, tok, seqs, 1))
     moments = activation_moments(runner, seqs, [1])
     assert torch.allclose(moments[1], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-8)
     d = NeuronDeltas(model, {1: [3, 4, 9]}, moments=moments)
@@ -599,14 +609,7 @@ def test_moments_at_given_positions_count_only_those_positions(tok):
     runner = ModelRunner(model, tok)
     seqs = [tok("Who wrote the long novel? Herman")["input_ids"], tok("Where is it?")["input_ids"]]
     positions = [[len(seqs[0]) - 2, len(seqs[0]) - 1], [len(seqs[1]) - 1]]
-    down = get_adapter(model).layer(1).down
-    box = []
-    h = down.register_forward_pre_hook(lambda m, a: box.append(a[0].detach()))
-    with torch.no_grad():
-        for sq in seqs:  # one at a time: no padding
-            runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
-    h.remove()
-    x = torch.cat([b[0, pos] for b, pos in zip(box, positions)])
+    x = torch.cat([b[pos] for b, pos in zip(down_per_sequence(model, tok, seqs, 1), positions)])
     moments = activation_moments(runner, seqs, [1], positions=positions)
     assert torch.allclose(moments[1], x.T @ x / 3, rtol=1e-4, atol=1e-8)
     everywhere = activation_moments(runner, seqs, [1])
@@ -645,17 +648,8 @@ def test_answer_preservation_keeps_a_single_edit_off_the_questions_answers(tok, 
     answers = [list(range(e, len(p))) for p, e in zip(pool.ids, pool.ends)]
 
     def at_answers(m):
-        out = []
-        for li in layers:
-            runner, box = ModelRunner(m, tok), []
-            h = get_adapter(m).layer(li).down.register_forward_hook(
-                lambda mod, a, o: box.append(o.detach()))
-            with torch.no_grad():
-                for sq in seqs:
-                    runner.adapter.decoder(input_ids=torch.tensor([sq]), use_cache=False)
-            h.remove()
-            out.append(torch.cat([b[0, pos] for b, pos in zip(box, answers)]))
-        return out
+        return [torch.cat([b[pos] for b, pos in zip(down_per_sequence(m, tok, seqs, li, True),
+                                                    answers)]) for li in layers]
 
     before = at_answers(model)
     changes = []
