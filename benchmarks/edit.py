@@ -207,7 +207,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     if config.risk_questions > 0 or config.answer_preserve > 0:  # a pool, as a
                         # user's call samples once
                         questions = with_answer_activations(
-                            model, tok, sampled_questions(model, tok, train_langs, config))
+                            model, tok, sampled_questions(model, tok, train_langs, config), config)
                     setup = time.time() - t0
                 for f in facts:
                     t0 = time.time()

@@ -228,7 +228,7 @@ class UnrelatedPrompts:
     #: predicted (``with_answer_activations``), by which ``riskiest`` ranks them; None: not made
     answer_acts: torch.Tensor | None = None
     #: ``{layer: [I, I]}``: the FFN activations' second moments at those positions of all the
-    #: prompts (``with_answer_activations``), for ``NeuronDeltas.answer_preservation``
+    #: prompts (``answer_moments``), for ``NeuronDeltas.answer_preservation``; None: not made
     answer_moments: dict | None = None
     #: each prompt's language (how an answer joins it: ``with_foreign_answers``); None: not kept
     row_langs: tuple[str, ...] | None = None
@@ -288,22 +288,32 @@ def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str
                             questions.langs, row_langs=tuple(langs))
 
 
-def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts) -> UnrelatedPrompts:
+def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts,
+                            config: LAFNConfig | None = None) -> UnrelatedPrompts:
     """``prompts`` with ``answer_acts``: the unedited model's mean |FFN activation| over each
     prompt's positions from its own last token on (they predict its answer and continuation,
-    where a locality probe is scored). Made once per unedited model, like the prompts."""
+    where a locality probe is scored); and, when ``config.answer_preserve`` asks for them,
+    ``answer_moments``. Made once per unedited model, like the prompts."""
     acts = mean_activations(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
                             _answer_positions(prompts))
-    return replace(prompts, answer_acts=acts, answer_moments=answer_moments(model, tokenizer, prompts))
+    moments = (answer_moments(model, tokenizer, prompts, config)
+               if config is not None and config.answer_preserve > 0 else prompts.answer_moments)
+    return replace(prompts, answer_acts=acts, answer_moments=moments)
 
 
-def answer_moments(model, tokenizer, prompts: UnrelatedPrompts) -> dict[int, torch.Tensor]:
+def answer_moments(model, tokenizer, prompts: UnrelatedPrompts, config: LAFNConfig | None = None
+                   ) -> dict[int, torch.Tensor]:
     """The unedited model's FFN activation moments (``locate.activation_moments``) over every
-    prompt's positions from its own last token on, in every layer: where its answer is
-    predicted and spelled, which is where a locality probe is scored."""
+    prompt's positions from its own last token on, in the layers LAFN may edit: where its
+    answer is predicted and spelled, which is where a locality probe is scored."""
     return activation_moments(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
-                              list(range(get_adapter(model).num_layers)),
+                              _editable_layers(model, config or LAFNConfig()),
                               positions=_answer_positions(prompts))
+
+
+def _editable_layers(model, config: LAFNConfig) -> list[int]:
+    n_layers = get_adapter(model).num_layers
+    return list(range(int(config.locate.min_layer * n_layers), n_layers))
 
 
 def _answer_positions(prompts: UnrelatedPrompts) -> list[list[int]]:
@@ -364,10 +374,8 @@ def preservation_moments(model, tokenizer, text, config: LAFNConfig | None = Non
     if not isinstance(text, (torch.Tensor, list)):  # a path, never the text itself
         text = token_windows(tokenizer, Path(text), config.preserve_seq_len,
                              config.preserve_windows, each_as_document=True)
-    n_layers = get_adapter(model).num_layers
-    first = int(config.locate.min_layer * n_layers)
     return activation_moments(ModelRunner(model, tokenizer), [list(map(int, w)) for w in text],
-                              list(range(first, n_layers)), progress=progress)
+                              _editable_layers(model, config), progress=progress)
 
 
 def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = None, langs=None,
@@ -387,7 +395,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
     prompts, and their tokens' moments the preservation text. A fact edited alone takes the
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
-    ``with_answer_activations`` to edit many facts from one pool). With ``config.answer_preserve``
+    ``with_answer_activations(..., config)`` to edit many facts from one pool). With ``config.answer_preserve``
     an edit also keeps its columns' output where those questions are answered (alone or
     together). ``answer_spans``: names and dates of generic text (``answers.answer_spans``),
     which facts edited together take as the sampled questions' foreign answers
@@ -418,7 +426,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
                 questions = _without_subjects(with_foreign_answers(
                     tokenizer, questions, answer_spans, copies), facts)
         if config.answer_preserve > 0 and questions.ids:
-            answers = answer_moments(model, tokenizer, questions)
+            answers = answer_moments(model, tokenizer, questions, config)
         kl_texts += questions.texts
         kl_ids += [list(p) for p in questions.ids]
         kl_ends += questions.ends
@@ -432,8 +440,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         pool = _without_subjects(questions, facts)
-        if pool.answer_acts is None:
-            pool = with_answer_activations(model, tokenizer, pool)
+        if (wants_risk and pool.answer_acts is None
+                or config.answer_preserve > 0 and pool.answer_moments is None):
+            pool = with_answer_activations(model, tokenizer, pool, config)
         risk_pool = pool if wants_risk else None
         if config.answer_preserve > 0:
             answers = pool.answer_moments

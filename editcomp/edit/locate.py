@@ -124,6 +124,18 @@ def _down_inputs(runner: ModelRunner, seqs: list[list[int]], layers: list[int], 
             h.remove()
 
 
+def _position_index(positions: list[list[int]], batch_size: int, device
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Batch start -> (rows, cols) of that batch's ``positions``: ``x[rows, cols]`` picks them
+    from a ``[b, T, I]`` batch in sequence order, then position."""
+    where = {}
+    for s in range(0, len(positions), batch_size):
+        pos = positions[s:s + batch_size]
+        where[s] = (torch.tensor([i for i, p in enumerate(pos) for _ in p], device=device),
+                    torch.tensor([c for p in pos for c in p], device=device))
+    return where
+
+
 def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[list[int]],
                    batch_size: int = 16, progress: bool = False, signed: bool = False) -> torch.Tensor:
     """|activation| (the activation with ``signed``) of every FFN neuron at the given positions of
@@ -131,11 +143,7 @@ def activations_at(runner: ModelRunner, seqs: list[list[int]], positions: list[l
     then position)."""
     layers = [lp.index for lp in runner.adapter.layers()]
     out = [[] for _ in layers]
-    where = {}  # batch start -> (rows, cols) of its positions
-    for s in range(0, len(seqs), batch_size):
-        pos = positions[s:s + batch_size]
-        where[s] = (torch.tensor([i for i, p in enumerate(pos) for _ in p], device=runner.device),
-                    torch.tensor([c for p in pos for c in p], device=runner.device))
+    where = _position_index(positions, batch_size, runner.device)
 
     def take(li, x, s, mask):
         a = x[where[s]].float()
@@ -178,19 +186,10 @@ def activation_moments(runner: ModelRunner, seqs: list[list[int]], layers: list[
     ``D`` on the columns ``idx`` cause on that text, without running the model: LAFN's
     preservation term (MEMIT's, restricted to the located columns)."""
     sums: dict[int, torch.Tensor] = {}
-    counted: dict[int, torch.Tensor] = {}  # batch start -> [b, T] bool: the positions that count
+    where = _position_index(positions, batch_size, runner.device) if positions is not None else None
 
     def take(li, x, s, mask):
-        if positions is None:
-            keep = mask.bool()
-        else:
-            if s not in counted:
-                counted.clear()
-                counted[s] = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-                for i, pos in enumerate(positions[s:s + x.shape[0]]):
-                    counted[s][i, pos] = True
-            keep = counted[s]
-        a = x[keep].float()
+        a = (x[mask.bool()] if where is None else x[where[s]]).float()
         sums[li] = sums.get(li, 0) + a.T @ a
 
     _down_inputs(runner, seqs, layers, take, batch_size, "text moments", progress)
