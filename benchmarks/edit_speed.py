@@ -9,7 +9,12 @@ and optimizer steps are compared: the metrics are ``benchmarks/edit.py``'s job.
     python benchmarks/edit_speed.py --model smollm2-135m --lang de --cases 6 \
         --methods "lafn@pack=None,lafn" --out benchmarks/results/edit_speed_smollm2-135m_pack.json
 
-``--methods`` takes ``benchmarks/edit.py``'s LAFN rows (``lafn@FIELD=VALUE...``).
+``--methods`` takes ``benchmarks/edit.py``'s LAFN rows (``lafn@FIELD=VALUE...``); a row ending in
+``:fresh`` gets the unrelated prompts without their known top tokens and activations, so each of
+its edits finds them again (as every edit did before ``UnrelatedPrompts`` carried them):
+
+    python benchmarks/edit_speed.py --model gemma3-270m --lang zh --cases 20 \
+        --methods "lafn:fresh,lafn" --out benchmarks/results/edit_speed_gemma3-270m_known_kl.json
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edit import DATA, lafn_config, moments_for, restore, snapshot  # benchmarks/edit.py
@@ -37,13 +43,17 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
-    configs = [lafn_config(m, args) for m in methods]  # a bad override fails before any work
+    fresh = [m.endswith(":fresh") for m in methods]
+    # a bad override fails before any work
+    configs = [lafn_config(m.removesuffix(":fresh"), args) for m in methods]
     args.moments = {}
     model, tok = (ck := checkpoint.load(args.model)).model, ck.tokenizer
     langs = ["en", args.lang]
     facts = load_facts(DATA / "bmike53-zsre" / f"zsre_test_{args.lang}.json", langs=langs,
                        limit=args.cases, skip_missing_langs=True)
     unrelated = [unrelated_prompts(model, tok, langs, c) for c in configs]
+    unrelated = [replace(u, top=None, activations=None) if f else u
+                 for u, f in zip(unrelated, fresh)]
     preserve = [moments_for(c, model, tok, args) if c.preserve_weight > 0 else None
                 for c in configs]
     saved = snapshot(model)

@@ -1,6 +1,7 @@
 """LAFN and FT-L on tiny models: locating finds a planted neuron, edits take, and nothing else moves."""
 
 import copy
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,8 @@ from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
 from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, frozen,
-                                  gather_positions, pack_rows, right_pad, weights_held_as)
+                                  gather_positions, pack_rows, right_pad, top_next_tokens,
+                                  weights_held_as)
 from editcomp.errors import ConfigError, DataError
 from editcomp.eval.edit_metrics import edit_metrics, greedy_continuations
 from editcomp.tiny import tiny_model as _tiny_model
@@ -390,6 +392,86 @@ def test_the_restricted_kl_keeps_the_targets_and_tracks_the_full_kl(tok, fact):
             get_adapter(model).layer(last).down.weight) * 0.5)
         kl_full, kl_top = full.losses(runner, 0)[1].mean(), top.losses(runner, 0)[1].mean()
     assert kl_full > 1e-3 and 0.5 * kl_full < kl_top < 1.5 * kl_full
+
+
+def test_known_kl_top_tokens_replace_the_full_output_layer_pass(tok, fact):
+    """``top_next_tokens`` gives each position the top tokens ``prepare`` finds itself (so the
+    same KL reference, padded or packed); given ones are used as they are (here: the bottom
+    tokens, which prepare would never pick), and a prompt without them still gets its own."""
+    model, items, kl, _ = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    known = top_next_tokens(runner, kl, 32)
+    assert [t.shape for t in known] == [(len(p) - 1, 32) for p in kl]
+    for pack in (None, 64):
+        own = TrainBatch(runner, pairs, kl, kl_vocab=16, pack=pack)
+        given = TrainBatch(runner, pairs, kl, kl_vocab=16, pack=pack, kl_top=known)
+        for b in (own, given):
+            b.prepare(runner, 0)
+        assert torch.equal(own.top, given.top)
+        torch.testing.assert_close(own.kl_ref, given.kl_ref, rtol=0, atol=1e-6)
+    # the vocabulary's last 16 ids, which are not the first prompt's own top (asserted below)
+    bottom = [runner.vocab_size - 1 - torch.arange(16).expand(len(p) - 1, 16) for p in kl]
+    odd = TrainBatch(runner, pairs, kl, kl_vocab=16, kl_top=[bottom[0]] + [None] * (len(kl) - 1))
+    odd.prepare(runner, 0)
+    first = len(kl[0]) - 1
+    assert torch.equal(odd.top[:first], bottom[0])
+    assert torch.equal(odd.top[first:], own.top[first:])
+    assert not torch.equal(odd.top[:first], own.top[:first])
+
+
+def test_an_edit_with_known_top_tokens_and_activations_writes_the_same_deltas(tok, fact,
+                                                                             monkeypatch):
+    """``unrelated_prompts`` carries its top tokens and FFN activations; an edit with them
+    locates the same neurons and writes what an edit that finds them itself writes."""
+    from editcomp.edit.lafn import unrelated_prompts
+
+    model = tiny_model()
+    cfg = LAFNConfig(kl_per_lang=2, kl_continuation=2, kl_vocab=16, steps=4, stop_nll=None,
+                     locate=LocateConfig(share=0.5))
+    unrelated = unrelated_prompts(model, tok, LANGS, cfg)
+    assert unrelated.top is not None and all(t.shape == (len(p) - 1, 16)
+                                             for t, p in zip(unrelated.top, unrelated.ids))
+    n_layers = get_adapter(model).num_layers
+    assert unrelated.activations.shape == (n_layers, sum(map(len, unrelated.ids)),
+                                           model.config.intermediate_size)
+    locate_module = sys.modules["editcomp.edit.locate"]  # (editcomp.edit.locate: the function)
+    run_generic = locate_module.generic_activations
+    written, located = [], []
+    for given in (unrelated, replace(unrelated, top=None, activations=None)):
+        m = copy.deepcopy(model)
+        if given.activations is not None:  # known: the edit must not run them again
+            monkeypatch.setattr(locate_module, "generic_activations", None)
+        rep = lafn_edit(m, tok, fact, cfg, LANGS, progress=False, unrelated=given)
+        monkeypatch.setattr(locate_module, "generic_activations", run_generic)
+        written.append([lp.down.weight.detach().clone() for lp in get_adapter(m).layers()])
+        located.append(rep["locate"]["facts"])
+    assert located[0] == located[1]
+    assert any(not torch.equal(w, lp.down.weight) for w, lp in
+               zip(written[0], get_adapter(model).layers()))  # the edit changed something
+    for a, b in zip(*written):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_known_generic_activations_stand_for_the_first_unrelated_prompts(tok, fact):
+    """``run_and_locate(known=)`` runs only the prompts after those the known activations cover
+    (the location and its ``generic`` are the same as without them); activations that are not
+    a whole number of the first prompts are refused."""
+    from editcomp.edit.locate import generic_activations, run_and_locate
+
+    model, items, kl, _ = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    cfg = LocateConfig(share=0.5)
+    want = run_and_locate(runner, items, 1, cfg, kl)
+    first = generic_activations(runner, kl[:1])
+    got = run_and_locate(runner, items, 1, cfg, kl, known=first)
+    assert got[0] == want[0]
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
+    zeros = torch.zeros_like(first)  # used as given, not run again
+    assert torch.equal(run_and_locate(runner, items, 1, cfg, kl, known=zeros)[2][:, :first.shape[1]],
+                       zeros)
+    with pytest.raises(ValueError, match="known positions"):
+        run_and_locate(runner, items, 1, cfg, kl, known=first[:, :-1])
 
 
 def last_logprobs(model, tok, seqs):

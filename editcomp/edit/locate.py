@@ -360,13 +360,24 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
 
 def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, config: LocateConfig,
                    kl_prompts: list[list[int]] | None = None, kl_ends: list[int] | None = None,
-                   progress: bool = False):
+                   progress: bool = False, known: torch.Tensor | None = None):
     """Run the training and unrelated prompts and locate -> ``(per_fact, report, generic)``
-    (``generic``: the unrelated prompts' signed activations, or None; ``kl_ends`` as in ``locate``)."""
+    (``generic``: the unrelated prompts' signed activations, or None; ``kl_ends`` as in ``locate``).
+    ``known``: ``generic_activations`` of the first unrelated prompts, already made (a caller
+    that edits one unedited model many times); only the rest are run."""
     acts, obs = item_activations(runner, items, config.batch_size, progress, config.continuation)
     generic, ends = None, None
     if kl_prompts:
-        generic = generic_activations(runner, kl_prompts, config.batch_size)
+        covered = 0
+        if known is not None:  # how many prompts the known positions cover
+            sums = itertools.accumulate(len(p) for p in kl_prompts)
+            covered = next((k + 1 for k, n in enumerate(sums) if n == known.shape[1]), None)
+            if covered is None:
+                raise ValueError(f"{known.shape[1]} known positions are not the first prompts' own")
+        rest = kl_prompts[covered:]
+        run = generic_activations(runner, rest, config.batch_size) if rest else None
+        parts = [a for a in (known, run) if a is not None]
+        generic = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         if kl_ends is None:
             kl_ends = [len(p) - 1 for p in kl_prompts]
         ends = end_columns([len(p) for p in kl_prompts], kl_ends)

@@ -126,6 +126,7 @@ class ModelRunner:
         # the attention window of a family with sliding-window layers (None: every layer sees all)
         self.window = getattr(model.config, "sliding_window", None)
         self.dtype = self.adapter.lm_head.weight.dtype  # the model's float dtype
+        self.vocab_size = self.adapter.lm_head.weight.shape[0]
 
     def head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states -> logits (with the family's final soft-capping, if any);
@@ -224,11 +225,16 @@ class TrainBatch:
 
     ``pack``: lay the sequences end to end in rows of at most that many tokens (``packed``)
     instead of one padded row each (None). Its one mask serves every layer, so a model with
-    sliding-window layers is packed only while no sequence is longer than the window."""
+    sliding-window layers is packed only while no sequence is longer than the window.
+
+    ``kl_top``: per KL prompt, its top tokens already known (``top_next_tokens`` of the unedited
+    model, at least ``kl_vocab`` wide) or None; ``prepare`` then skips the full output layer
+    there, most of its time for a single edit."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
-                 nll_vocab: int | None = None, pack: int | None = None):
+                 nll_vocab: int | None = None, pack: int | None = None,
+                 kl_top: list[torch.Tensor | None] | None = None):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
         # pos: the position ids of a packed batch (None: padded)
         self.ids, self.mask, self.pos, where = _layout(runner, seqs, pack)
@@ -259,6 +265,12 @@ class TrainBatch:
         self.nll_start: torch.Tensor | None = None  # exact NLL per pair before any update
         self.cached: torch.Tensor | None = None
         self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
+        # each KL position's given top tokens (a row of ``kl_top``) or None: found by ``prepare``
+        given = kl_top if kl_top is not None else [None] * len(kl_prompts)
+        if len(given) != len(kl_prompts):
+            raise ValueError(f"kl_top has {len(given)} entries for {len(kl_prompts)} KL prompts")
+        self.kl_given = [None if t is None else t[c - 1] for t, p in zip(given, kl_prompts)
+                         for c in range(1, len(p))]
 
     def losses(self, runner: ModelRunner, start: int, full: bool = False, keep_logits: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -336,12 +348,28 @@ class TrainBatch:
         if self.kl_rows:
             with torch.no_grad():
                 hk = gather_positions(h, self.kl_rows, self.kl_cols)
-                logits = runner.head(hk)
-                if self.kl_vocab is not None and self.kl_vocab < logits.shape[-1]:
-                    self.top = logits.topk(self.kl_vocab, dim=-1).indices
+                if self.kl_vocab is not None and self.kl_vocab < runner.vocab_size:
+                    self.top = self._top_tokens(runner, hk)
                     self.dup = (self.top[:, :, None] == self.targets[None, None]).any(1)
                     logits = self._kl_logits(runner, hk)
+                else:
+                    logits = runner.head(hk)
                 self.kl_ref = torch.log_softmax(logits, -1).detach()
+
+    def _top_tokens(self, runner: ModelRunner, hk: torch.Tensor) -> torch.Tensor:
+        """Each KL position's ``kl_vocab`` top tokens: given ones (``kl_top``), the rest from the
+        full output layer at ``hk``."""
+        missing = [r for r, t in enumerate(self.kl_given) if t is None or len(t) < self.kl_vocab]
+        top = torch.empty(len(self.kl_given), self.kl_vocab, dtype=torch.long, device=hk.device)
+        if missing:
+            at = torch.tensor(missing, device=hk.device)
+            top[at] = runner.head(hk[at]).topk(self.kl_vocab, dim=-1).indices
+        lacking = set(missing)
+        known = [r for r in range(len(self.kl_given)) if r not in lacking]
+        if known:
+            top[torch.tensor(known, device=hk.device)] = torch.stack(
+                [self.kl_given[r][:self.kl_vocab] for r in known]).to(hk.device)
+        return top
 
 
 @contextlib.contextmanager
@@ -403,23 +431,41 @@ def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
 
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
-                  kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None
-                  ) -> list[TrainBatch]:
+                  kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None,
+                  kl_top: list[torch.Tensor | None] | None = None) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
     mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
     groups the chunks repeat, so one optimizer round still sees every KL prompt once: the KL term
     is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens.
-    ``pack``: see ``TrainBatch``."""
+    ``pack``, ``kl_top`` (one per KL prompt): see ``TrainBatch``."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if not chunks:
         return []
     groups = max(1, min(kl_groups, len(kl_prompts)))
     kl_sets = [kl_prompts[g::groups] for g in range(groups)]
+    tops = kl_top if kl_top is not None else [None] * len(kl_prompts)
+    top_sets = [tops[g::groups] for g in range(groups)]
     n = max(len(chunks), groups) if kl_prompts else len(chunks)
     return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
-                       kl_vocab, nll_vocab, pack) for b in range(n)]
+                       kl_vocab, nll_vocab, pack, top_sets[b % groups]) for b in range(n)]
+
+
+@torch.no_grad()
+def top_next_tokens(runner: ModelRunner, seqs: list[list[int]], k: int, batch_size: int = 16
+                    ) -> list[torch.Tensor]:
+    """Each sequence's ``k`` most likely next tokens at every position after its first ->
+    ``[len - 1, k]`` per sequence (``TrainBatch``'s ``kl_top``): the KL term's vocabulary at
+    those positions, made once for unrelated prompts that many edits of one model share."""
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        ids, mask = right_pad(chunk, runner.pad, runner.device)
+        h = runner.hidden(ids, mask)
+        out += [runner.head(h[b, 1:len(p)]).topk(min(k, runner.vocab_size), dim=-1).indices.cpu()
+                for b, p in enumerate(chunk)]
+    return out
 
 
 def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.Tensor], start: int,
