@@ -359,16 +359,15 @@ class TrainBatch:
     def _top_tokens(self, runner: ModelRunner, hk: torch.Tensor) -> torch.Tensor:
         """Each KL position's ``kl_vocab`` top tokens: given ones (``kl_top``), the rest from the
         full output layer at ``hk``."""
-        missing = [r for r, t in enumerate(self.kl_given) if t is None or len(t) < self.kl_vocab]
-        top = torch.empty(len(self.kl_given), self.kl_vocab, dtype=torch.long, device=hk.device)
-        if missing:
-            at = torch.tensor(missing, device=hk.device)
+        have = [t is not None and len(t) >= self.kl_vocab for t in self.kl_given]
+        top = torch.empty(len(have), self.kl_vocab, dtype=torch.long, device=hk.device)
+        if not all(have):
+            at = torch.tensor([r for r, h in enumerate(have) if not h], device=hk.device)
             top[at] = runner.head(hk[at]).topk(self.kl_vocab, dim=-1).indices
-        lacking = set(missing)
-        known = [r for r in range(len(self.kl_given)) if r not in lacking]
-        if known:
-            top[torch.tensor(known, device=hk.device)] = torch.stack(
-                [self.kl_given[r][:self.kl_vocab] for r in known]).to(hk.device)
+        if any(have):
+            at = torch.tensor([r for r, h in enumerate(have) if h], device=hk.device)
+            top[at] = torch.stack([t[:self.kl_vocab] for t, h in zip(self.kl_given, have)
+                                   if h]).to(hk.device)
         return top
 
 
