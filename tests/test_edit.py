@@ -615,6 +615,36 @@ def test_the_candidate_nll_is_the_softmax_over_the_target_and_the_top_tokens(tok
         assert torch.allclose(cand.refresh(runner, 0)[0], exact, atol=1e-5)
 
 
+def test_kept_output_rows_give_the_same_losses_and_follow_a_refresh(tok, fact):
+    """A batch that keeps the output rows of its KL tokens and NLL candidates (``row_cache``)
+    scores exactly as one that gathers them at every step, also after the model moves and a
+    ``refresh`` picks new candidates; rows over the budget are not kept."""
+    model, items, kl, last = planted(tok, fact)
+    runner = ModelRunner(model, tok)
+    pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
+    kept, each = (TrainBatch(runner, pairs, kl, kl_vocab=16, nll_vocab=8, row_cache=budget)
+                  for budget in (64 << 20, 0))
+    for b in (kept, each):
+        b.prepare(runner, 0)
+    assert each.top_rows is None and each.cand_rows is None
+    w = get_adapter(model).lm_head.weight
+    assert torch.equal(kept.top_rows, w[kept.top]) and torch.equal(kept.cand_rows, w[kept.cand])
+    down = get_adapter(model).layer(last).down.weight
+    with torch.no_grad():
+        for _ in range(2):
+            for got, want in zip(kept.losses(runner, 0), each.losses(runner, 0)):
+                assert torch.equal(got, want)
+            old = kept.cand.clone()
+            down.add_(torch.randn_like(down) * 0.5)
+            kept.refresh(runner, 0), each.refresh(runner, 0)
+        assert not torch.equal(kept.cand, old)  # the refresh changed the candidates
+        assert torch.equal(kept.cand_rows, w[kept.cand])
+    small = TrainBatch(runner, pairs, kl, kl_vocab=16, nll_vocab=8,
+                       row_cache=kept.top_rows.numel() * w.element_size() - 1)
+    small.prepare(runner, 0)
+    assert small.top_rows is None and small.cand_rows is not None
+
+
 def test_the_text_penalty_is_the_output_change_on_that_text():
     """With unrelated text's activations, the penalty's numerator is the mean squared change of the
     down projection's output there: zero for changes that cancel on co-firing neurons, which the

@@ -200,7 +200,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     kl_top += [None] * (len(kl_ids) - len(kl_top))  # the rest: found by each edit
     batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab,
-                            config.pack_for(len(facts)), kl_top if config.kl_weight > 0 else None)
+                            config.pack_for(len(facts)), kl_top if config.kl_weight > 0 else None,
+                            config.row_cache_mb << 20)
 
     with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),

@@ -115,6 +115,10 @@ class LAFNConfig:
     pack: int | None = 512        # a fact edited alone: its update steps lay their sequences end
     #                               to end in rows of at most this many tokens (runner.packed)
     #                               instead of one padded row each (None); see ``pack_for``
+    row_cache_mb: int = 64        # a step batch keeps the output rows its KL and NLL read
+    #                               (runner.TrainBatch ``row_cache``) when they fit in this many
+    #                               MiB (each set; 0: gathered at every step). A single edit's
+    #                               fit; a batch of many facts' do not
     preserve_windows: int = 16    # windows of generic text read for the moments ...
     preserve_seq_len: int = 256   # ... of this many tokens each
     batch_questions: int = 128    # facts edited together: this many unrelated questions per
@@ -237,7 +241,7 @@ class LAFNConfig:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         if self.neighbors < 0:
             raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")
-        for name in ("batch_questions", "risk_questions", "foreign_answers"):
+        for name in ("batch_questions", "risk_questions", "foreign_answers", "row_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_growth <= 0:

@@ -141,17 +141,29 @@ class ModelRunner:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def head_rows(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def head_rows(self, hidden: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """Logits of row ``n`` of ``hidden`` ``[N, H]`` at its own token ids ``ids[n]`` -> ``[N, K]``:
-        the output rows are gathered, so the cost is ``N * K`` dot products, not the vocabulary."""
+        the output rows are gathered, so the cost is ``N * K`` dot products, not the vocabulary.
+        ``rows``: those output rows already gathered (``out_rows(ids)``)."""
         lm = self.adapter.lm_head
-        logits = torch.einsum("nh,nkh->nk", hidden, lm.weight[ids].to(hidden.dtype))
+        if rows is None:
+            rows = lm.weight[ids]
+        logits = torch.einsum("nh,nkh->nk", hidden, rows.to(hidden.dtype))
         if lm.bias is not None:
             logits = logits + lm.bias[ids]
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def out_rows(self, ids: torch.Tensor, budget: int) -> torch.Tensor | None:
+        """The output layer's rows of token ids ``ids`` -> ``[*ids.shape, H]``, or None when they
+        would take more than ``budget`` bytes (``head_rows`` then gathers them at each call)."""
+        weight = self.adapter.lm_head.weight
+        if ids.numel() * weight.shape[1] * weight.element_size() > budget:
+            return None
+        return weight.detach()[ids]
 
     @contextlib.contextmanager
     def _skip_below(self, start: int):
@@ -229,12 +241,17 @@ class TrainBatch:
 
     ``kl_top``: per KL prompt, its top tokens already known (``top_next_tokens`` of the unedited
     model, at least ``kl_vocab`` wide) or None; ``prepare`` then skips the full output layer
-    there, most of its time for a single edit."""
+    there, most of its time for a single edit.
+
+    ``row_cache``: bytes: the output rows of the KL's top tokens and of the NLL's candidates are
+    gathered once (when each set is made) if they fit, instead of at every step. Gathering them
+    from a 262k x 640 output matrix is scattered reads of ~30 MB a step for a single edit; a batch
+    of many facts has too many rows to keep (the default fits a single edit)."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
                  nll_vocab: int | None = None, pack: int | None = None,
-                 kl_top: list[torch.Tensor | None] | None = None):
+                 kl_top: list[torch.Tensor | None] | None = None, row_cache: int = 64 << 20):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
         # pos: the position ids of a packed batch (None: padded)
         self.ids, self.mask, self.pos, where = _layout(runner, seqs, pack)
@@ -257,11 +274,14 @@ class TrainBatch:
         self.owner_t = torch.tensor(self.owner, dtype=torch.long, device=dev)
         self.kl_vocab = kl_vocab
         self.top: torch.Tensor | None = None     # each KL position's top token ids [N, k] (None: all)
+        self.row_cache = row_cache
+        self.top_rows: torch.Tensor | None = None  # their output rows [N, k, H] (None: not kept)
         self.targets = self.labels_t.unique()    # edit target ids, compared at every KL position
         self.dup: torch.Tensor | None = None     # [N, n_targets]: a target already in that row's top
         self.nll_vocab = nll_vocab
         self.cand: torch.Tensor | None = None    # [n_tokens, 1 + nll_vocab]: the target, then rivals
         self.cand_dup: torch.Tensor | None = None  # a rival that is the target itself
+        self.cand_rows: torch.Tensor | None = None  # their output rows (None: not kept)
         self.nll_start: torch.Tensor | None = None  # exact NLL per pair before any update
         self.cached: torch.Tensor | None = None
         self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
@@ -290,7 +310,7 @@ class TrainBatch:
                 if keep_logits:
                     self.full_logits = logits.detach()
             else:  # column 0 is the target
-                logits = runner.head_rows(ht, self.cand)
+                logits = runner.head_rows(ht, self.cand, self.cand_rows)
                 logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(self.cand_dup, -1e4)], -1)
                 tok_nll = -torch.log_softmax(logits, -1)[:, 0]
                 hits = (logits.argmax(-1) == 0).detach().cpu()
@@ -307,7 +327,7 @@ class TrainBatch:
         target already among a row's top tokens is -1e4 there, probability 0: each token counts once)."""
         if self.top is None:
             return runner.head(hidden)
-        return torch.cat([runner.head_rows(hidden, self.top),
+        return torch.cat([runner.head_rows(hidden, self.top, self.top_rows),
                           runner.head(hidden, self.targets).masked_fill(self.dup, -1e4)], -1)
 
     def _per_pair(self, tok_nll: torch.Tensor) -> torch.Tensor:
@@ -316,13 +336,14 @@ class TrainBatch:
         return torch.zeros(self.n_pairs, device=tok_nll.device).index_add_(
             0, self.owner_t, tok_nll) / count
 
-    def _set_candidates(self, logits: torch.Tensor) -> None:
+    def _set_candidates(self, runner: ModelRunner, logits: torch.Tensor) -> None:
         """The NLL's rivals: the ``nll_vocab`` highest of full-vocabulary ``logits`` per target token."""
         if self.nll_vocab is None or self.nll_vocab >= logits.shape[-1] or not self.rows:
             return
         top = logits.topk(self.nll_vocab, dim=-1).indices
         self.cand = torch.cat([self.labels_t[:, None], top], -1)
         self.cand_dup = top == self.labels_t[:, None]
+        self.cand_rows = runner.out_rows(self.cand, self.row_cache)
 
     @torch.no_grad()
     def refresh(self, runner: ModelRunner, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,7 +351,7 @@ class TrainBatch:
         them: the tokens an update has pushed up since the last refresh become rivals too."""
         out = self.losses(runner, start, full=True, keep_logits=True)
         if self.rows:
-            self._set_candidates(self.full_logits)
+            self._set_candidates(runner, self.full_logits)
             self.full_logits = None
         return out
 
@@ -344,12 +365,13 @@ class TrainBatch:
                 logits = runner.head(gather_positions(h, self.rows, self.cols))
                 self.nll_start = self._per_pair(torch.nn.functional.cross_entropy(
                     logits, self.labels_t, reduction="none")).cpu()
-                self._set_candidates(logits)
+                self._set_candidates(runner, logits)
         if self.kl_rows:
             with torch.no_grad():
                 hk = gather_positions(h, self.kl_rows, self.kl_cols)
                 if self.kl_vocab is not None and self.kl_vocab < runner.vocab_size:
                     self.top = self._top_tokens(runner, hk)
+                    self.top_rows = runner.out_rows(self.top, self.row_cache)
                     self.dup = (self.top[:, :, None] == self.targets[None, None]).any(1)
                     logits = self._kl_logits(runner, hk)
                 else:
@@ -431,13 +453,14 @@ def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
                   kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None,
-                  kl_top: list[torch.Tensor | None] | None = None) -> list[TrainBatch]:
+                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = 64 << 20
+                  ) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
     mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
     groups the chunks repeat, so one optimizer round still sees every KL prompt once: the KL term
     is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens.
-    ``pack``, ``kl_top`` (one per KL prompt): see ``TrainBatch``."""
+    ``pack``, ``kl_top`` (one per KL prompt), ``row_cache`` (bytes per batch): see ``TrainBatch``."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if not chunks:
@@ -448,7 +471,8 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
     top_sets = [tops[g::groups] for g in range(groups)]
     n = max(len(chunks), groups) if kl_prompts else len(chunks)
     return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
-                       kl_vocab, nll_vocab, pack, top_sets[b % groups]) for b in range(n)]
+                       kl_vocab, nll_vocab, pack, top_sets[b % groups], row_cache)
+            for b in range(n)]
 
 
 @torch.no_grad()
