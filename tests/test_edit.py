@@ -1053,7 +1053,8 @@ def test_lr_growth_the_stall_rule_and_packing_apply_to_a_fact_edited_alone():
     assert cfg.lr_growth_for(2) is None and cfg.stall_for(2) is None
     assert cfg.pack_for(1) == 256 and cfg.pack_for(2) is None
     assert LAFNConfig(pack=None).pack_for(1) is None
-    assert LAFNConfig().lr_growth_for(1) is None  # a constant lr by default
+    assert LAFNConfig(lr_growth=1.0).lr_growth_for(1) is None  # a constant lr
+    assert LAFNConfig().lr_growth_for(1) == (2.0, 16)  # the default: doubled every 16 steps
     for bad, msg in (({"lr_growth": 0}, "lr_growth must be > 0"),
                      ({"stall_drop": 1.0}, "stall_drop must be in"),
                      ({"stall_steps": 0}, "stall_steps must be >= 1"),
