@@ -216,6 +216,9 @@ def gather_positions(hidden: torch.Tensor, rows: list[int], cols: list[int]) -> 
     return hidden[r, c]
 
 
+ROW_CACHE = 64 << 20  # TrainBatch's default ``row_cache`` (bytes): a single edit's rows fit
+
+
 class TrainBatch:
     """A padded batch of (prompt, target) sequences and unrelated (KL) prompts, with the positions
     the losses read: each target token is predicted at the position before it; KL prompts are
@@ -251,7 +254,7 @@ class TrainBatch:
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
                  nll_vocab: int | None = None, pack: int | None = None,
-                 kl_top: list[torch.Tensor | None] | None = None, row_cache: int = 64 << 20):
+                 kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE):
         seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
         # pos: the position ids of a packed batch (None: padded)
         self.ids, self.mask, self.pos, where = _layout(runner, seqs, pack)
@@ -453,7 +456,7 @@ def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
                   kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None,
-                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = 64 << 20
+                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE
                   ) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
