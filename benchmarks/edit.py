@@ -310,6 +310,10 @@ def main():
     args.langs = [s for s in args.langs.split(",") if s]
     args.protocols = [s for s in args.protocols.split(",") if s]
     args.methods = [s for s in args.methods.split(",") if s]
+    unknown = [m for m in args.methods if m != "ft-l" and not is_lafn(m)]
+    if unknown:  # as a bad @FIELD override below: before any work
+        ap.error(f"unknown method(s) {', '.join(unknown)}: lafn, ft-l, the ablations "
+                 f"{', '.join(ABLATIONS)}, or lafn@FIELD=VALUE")
     for m in filter(is_lafn, args.methods):  # a bad @FIELD override fails before any work
         lafn_config(m, args).validate()
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"edit_{args.model}.json")
