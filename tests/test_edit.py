@@ -14,9 +14,9 @@ from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_
                                    neighbor_prompts, template_paraphrases, training_items)
 from editcomp.edit.locate import locate_neurons
 from editcomp.edit.prompts import TrainItem
+from editcomp.edit.layout import pack_rows, right_pad
 from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, frozen,
-                                  gather_positions, pack_rows, right_pad, top_next_tokens,
-                                  weights_held_as)
+                                  gather_positions, top_next_tokens, weights_held_as)
 from editcomp.errors import ConfigError, DataError
 from editcomp.eval.edit_metrics import edit_metrics, greedy_continuations
 from editcomp.tiny import tiny_model as _tiny_model

@@ -117,7 +117,7 @@ class LAFNConfig:
     #                               attention_kernel; None: the model's own; "auto": see
     #                               ``attention_for``)
     pack: int | None = 512        # a fact edited alone: its update steps lay their sequences end
-    #                               to end in rows of at most this many tokens (runner.packed)
+    #                               to end in rows of at most this many tokens (layout.packed)
     #                               instead of one padded row each (None); see ``pack_for``
     row_cache_mb: int = 64        # a step batch keeps the output rows its KL and NLL read
     #                               (runner.TrainBatch ``row_cache``) when they fit in this many

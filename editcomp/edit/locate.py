@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from editcomp.arch import get_adapter
 from editcomp.edit.prompts import TrainItem
-from editcomp.edit.runner import ModelRunner, right_pad
+from editcomp.edit.layout import right_pad
+from editcomp.edit.runner import ModelRunner
 from editcomp.errors import ConfigError
 
 
