@@ -111,6 +111,21 @@ def lafn_config(method, args) -> LAFNConfig:
     return LAFNConfig(paraphrases=args.paraphrases, **extra)
 
 
+def ftl_config(method, args) -> FTLConfig:
+    """The FT-L settings of a row: ``ft-l`` is the default, ``ft-l@FIELD=VALUE`` pieces change
+    FTLConfig fields, e.g. ``ft-l@norm_constraint=5e-5``."""
+    _, *pieces = method.split("@")
+    extra = {}
+    for piece in pieces:
+        key, _, value = piece.partition("=")
+        extra[key] = _coerce(FTLConfig, key, value)
+    return FTLConfig(paraphrases=args.paraphrases, **extra)
+
+
+def is_ftl(method) -> bool:
+    return method.split("@")[0] == "ft-l"
+
+
 def moments_for(config, model, tok, args):
     """valid.txt's activation moments for ``config``'s window count and length, made once per
     pair of them on the unedited model (test.txt is the ppl probe)."""
@@ -142,7 +157,7 @@ def edit(method, model, tok, facts, langs, args, unrelated=None, questions=None)
         return lafn_edit(model, tok, facts, config, langs, progress=False,
                          unrelated=unrelated, preserve=preserve, questions=questions,
                          answer_spans=args.spans)
-    return ftl_edit(model, tok, facts, FTLConfig(paraphrases=args.paraphrases), langs, progress=False)
+    return ftl_edit(model, tok, facts, ftl_config(method, args), langs, progress=False)
 
 
 def case_record(fact, report, seconds, result, langs) -> dict:
@@ -192,7 +207,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
     saved = snapshot(model)
     for protocol in args.protocols:
         for method in args.methods:
-            if protocol == "cross" and method == "ft-l" and not args.cross_ftl:
+            if protocol == "cross" and is_ftl(method) and not args.cross_ftl:
                 continue
             tally, secs, neurons, cases = Tally(), [], [], []
             t_all = time.time()
@@ -200,7 +215,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
             if protocol in ("single", "cross"):
                 train_langs = langs if protocol == "single" else ["en"]
                 unrelated = questions = None
-                if method != "ft-l":  # the unedited model's KL continuations, once for all edits
+                if not is_ftl(method):  # the unedited model's KL continuations, once for all edits
                     t0 = time.time()
                     config = lafn_config(method, args)
                     unrelated = unrelated_prompts(model, tok, train_langs, config)
@@ -213,7 +228,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     t0 = time.time()
                     rep = edit(method, model, tok, [f], train_langs, args, unrelated, questions)
                     secs.append(time.time() - t0)
-                    if method != "ft-l":
+                    if not is_ftl(method):
                         neurons.append(rep["neurons"]["total"])
                     res = edit_metrics(model, tok, [f], langs, progress=False, reference=ref)
                     tally.add(res, langs)
@@ -230,7 +245,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 t0 = time.time()
                 rep = edit(method, model, tok, facts, langs, args, questions=questions)
                 secs.append(time.time() - t0)
-                if method != "ft-l":
+                if not is_ftl(method):
                     neurons.append(rep["neurons"]["total"])
                 tally.add(edit_metrics(model, tok, facts, langs, progress=False, reference=ref), langs)
                 ppl_after = perplexity(model, windows)["ppl"] if windows is not None else None
@@ -297,7 +312,8 @@ def main():
     ap.add_argument("--methods", default="lafn,ft-l",
                     help="lafn, ft-l, and the ablations " + ", ".join(ABLATIONS)
                     + ", lafn-preserve:WEIGHT; any LAFN row may end in @FIELD=VALUE overrides "
-                    "of LAFNConfig (locate.FIELD: LocateConfig), e.g. lafn@stop_nll=0.5")
+                    "of LAFNConfig (locate.FIELD: LocateConfig), e.g. lafn@stop_nll=0.5, and any "
+                    "FT-L row of FTLConfig, e.g. ft-l@norm_constraint=5e-5")
     ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
@@ -310,12 +326,12 @@ def main():
     args.langs = [s for s in args.langs.split(",") if s]
     args.protocols = [s for s in args.protocols.split(",") if s]
     args.methods = [s for s in args.methods.split(",") if s]
-    unknown = [m for m in args.methods if m != "ft-l" and not is_lafn(m)]
+    unknown = [m for m in args.methods if not is_ftl(m) and not is_lafn(m)]
     if unknown:  # as a bad @FIELD override below: before any work
         ap.error(f"unknown method(s) {', '.join(unknown)}: lafn, ft-l, the ablations "
-                 f"{', '.join(ABLATIONS)}, or lafn@FIELD=VALUE")
-    for m in filter(is_lafn, args.methods):  # a bad @FIELD override fails before any work
-        lafn_config(m, args).validate()
+                 f"{', '.join(ABLATIONS)}, lafn@FIELD=VALUE or ft-l@FIELD=VALUE")
+    for m in args.methods:  # a bad @FIELD override fails before any work
+        (lafn_config if is_lafn(m) else ftl_config)(m, args).validate()
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"edit_{args.model}.json")
     torch.manual_seed(0)
     t0 = time.time()

@@ -88,6 +88,13 @@ from editcomp.errors import EditcompError
                    "facts edited together reach their targets at different steps, and the ones "
                    "done early would keep growing their margins, which leaks into other "
                    "answers [default: 0 for a fact edited alone, 0.5 for facts edited together].")
+@click.option("--layer", default=None, type=int,
+              help="ft-l: the layer whose down_proj is tuned [default: at 21/32 of the depth, "
+                   "EasyEdit's llama-7b layer].")
+@click.option("--norm-constraint", default=None, type=float,
+              help="ft-l: keep every tuned weight within this of its original value (ROME's "
+                   "constrained FT-L: 5e-5 for GPT-J, 5e-4 for GPT-2) [default: none, as "
+                   "EasyEdit's FT settings].")
 @autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
@@ -98,7 +105,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, nll_floor, autocast, report_file, force, device, dtype, as_json):
+             answer_preserve, nll_floor, layer, norm_constraint, autocast, report_file, force,
+             device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -120,6 +128,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                             "--foreign-answers, --risk-questions, --answer-preserve, "
                             "--nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
+    if method == "lafn" and (layer is not None or norm_constraint is not None):
+        raise EditcompError("--layer and --norm-constraint apply to --method ft-l only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
                                     ("batch_questions", batch_questions),
@@ -131,7 +141,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                         locate=LocateConfig(**where), **extra,
                                                         **lafn_extra))
-              if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(**extra)))
+              if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(layer=layer, norm_constraint=norm_constraint,
+                                                          **extra)))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype,
                       preserve_text=preserve_text or DEFAULT_CALIB)

@@ -1,9 +1,10 @@
 """FT-L: the fine-tuning baseline of knowledge editing (ROME paper, EasyEdit's ``FT`` method).
 
 Fine-tune one FFN layer's down_proj on the edit's training pairs (the same pairs LAFN uses) with the
-target NLL, keeping every weight within ``norm_constraint`` of its original value (an L-inf ball,
-clamped after each step, as in EasyEdit). The default layer sits at the depth fraction of EasyEdit's
-llama-7b setting (layer 21 of 32); its lr / steps / constraint are EasyEdit's defaults.
+target NLL. The defaults are EasyEdit's FT settings for llama-style models (``hparams/FT/llama-7b.yaml``:
+layer 21 of 32, taken here as a depth fraction, lr 5e-4, 25 steps, no norm constraint).
+``norm_constraint`` gives ROME's constrained variant: every weight stays within it of its original
+value (an L-inf ball, clamped after each step); ROME's GPT-J setting is 5e-5, its GPT-2 one 5e-4.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class FTLConfig:
     layer: int | None = None         # default: round(21/32 * layers)
     lr: float = 5e-4
     steps: int = 25
-    norm_constraint: float | None = 5e-5  # max |W - W0| per element (None: unconstrained)
+    norm_constraint: float | None = None  # max |W - W0| per element (None: unconstrained)
     paraphrases: int = 2
     batch_size: int = 32
     stop_nll: float | None = None
