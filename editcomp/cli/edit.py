@@ -138,11 +138,13 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                     ("answer_preserve", answer_preserve),
                                     ("nll_floor", nll_floor)) if v is not None}
     lafn_extra["autocast"] = autocast
-    config = (EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
-                                                        locate=LocateConfig(**where), **extra,
-                                                        **lafn_extra))
-              if method == "lafn" else EditConfig(method="ft-l", ftl=FTLConfig(layer=layer, norm_constraint=norm_constraint,
-                                                          **extra)))
+    if method == "lafn":
+        config = EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
+                                                           locate=LocateConfig(**where), **extra,
+                                                           **lafn_extra))
+    else:
+        config = EditConfig(method="ft-l", ftl=FTLConfig(layer=layer, norm_constraint=norm_constraint,
+                                                         **extra))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype,
                       preserve_text=preserve_text or DEFAULT_CALIB)
