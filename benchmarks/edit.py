@@ -91,17 +91,21 @@ def _coerce(cls, key: str, text: str):
     return int(text) if str(f.type).startswith("int") else float(text)
 
 
+def overrides(method) -> list[tuple[str, str]]:
+    """The ``(FIELD, VALUE)`` pieces that end a row's name: ``lafn@lr=0.1@stop_nll=0.5``."""
+    return [piece.partition("=")[::2] for piece in method.split("@")[1:]]
+
+
 def lafn_config(method, args) -> LAFNConfig:
     """The LAFN settings of a row: an ablation's, then any ``@FIELD=VALUE`` pieces that end the
     row's name (``locate.FIELD`` for LocateConfig), e.g. ``lafn@stop_nll=0.5@lr=0.1``: a
     scratch config without a code change."""
-    base, *pieces = method.split("@")
+    base = method.split("@")[0]
     extra = dict(ABLATIONS.get(base, {}))
     if base.startswith("lafn-preserve:"):
         extra["preserve_weight"] = float(base.split(":", 1)[1])
     locate = {}
-    for piece in pieces:
-        key, _, value = piece.partition("=")
+    for key, value in overrides(method):
         if key.startswith("locate."):
             locate[key[7:]] = _coerce(LocateConfig, key[7:], value)
         else:
@@ -114,11 +118,7 @@ def lafn_config(method, args) -> LAFNConfig:
 def ftl_config(method, args) -> FTLConfig:
     """The FT-L settings of a row: ``ft-l`` is the default, ``ft-l@FIELD=VALUE`` pieces change
     FTLConfig fields, e.g. ``ft-l@norm_constraint=5e-5``."""
-    _, *pieces = method.split("@")
-    extra = {}
-    for piece in pieces:
-        key, _, value = piece.partition("=")
-        extra[key] = _coerce(FTLConfig, key, value)
+    extra = {key: _coerce(FTLConfig, key, value) for key, value in overrides(method)}
     return FTLConfig(paraphrases=args.paraphrases, **extra)
 
 

@@ -33,6 +33,12 @@ def constraint(method: str) -> float:
     return float("inf")
 
 
+def ftl_curve(per_method: dict, lang: str) -> list[tuple[float, float]]:
+    """FT-L's (generality, locality) points in ``lang``, in norm-constraint order."""
+    ftl = sorted((m for m in per_method if m.split("@")[0] == "ft-l"), key=constraint)
+    return [per_method[m][lang] for m in ftl if lang in per_method[m]]
+
+
 def points(rows, protocol):
     """{pair: {method: {lang: (generality, locality)}}} of ``protocol``'s rows."""
     out: dict = {}
@@ -60,9 +66,8 @@ def comparison(rows, method="lafn", protocol="single") -> list[str]:
     lines = [f"| pair | lang | {method} generality | {method} locality | FT-L locality there |",
              "|---|---|---:|---:|---:|"]
     for pair, per_method in sorted(points(rows, protocol).items()):
-        ftl = sorted((m for m in per_method if m.startswith("ft-l")), key=constraint)
         for lang, (gen, loc) in sorted(per_method.get(method, {}).items()):
-            there = locality_at(gen, [per_method[m][lang] for m in ftl if lang in per_method[m]])
+            there = locality_at(gen, ftl_curve(per_method, lang))
             lines.append(f"| {pair} | {lang} | {gen:.3f} | {loc:.3f} | "
                          f"{'-' if there is None else f'{there:.3f}'} |")
     return lines
@@ -73,8 +78,8 @@ def plot(rows, protocol="single", title=""):
     if not data:
         raise SystemExit(f"no {protocol} rows to plot")
     cols = min(2, len(data))
-    rows_ = -(-len(data) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.8 * rows_), sharex=True, sharey=True,
+    nrows = -(-len(data) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.8 * nrows), sharex=True, sharey=True,
                              squeeze=False)
     for ax in axes.flat[len(data):]:
         ax.set_visible(False)
@@ -82,9 +87,8 @@ def plot(rows, protocol="single", title=""):
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for ax, (pair, per_method) in zip(axes.flat, sorted(data.items())):
         lang = pair.split("+")[1]
-        ftl = sorted((m for m in per_method if m.startswith("ft-l")), key=constraint)
         for which, hollow in ((lang, False), ("en", True)):
-            curve = [per_method[m][which] for m in ftl if which in per_method[m]]
+            curve = ftl_curve(per_method, which)
             if len(curve) > 1:
                 ax.plot(*zip(*curve), color="0.6", lw=1, ls=":" if hollow else "-", zorder=1)
             for m, per_lang in per_method.items():
