@@ -863,6 +863,51 @@ def test_ftl_changes_only_its_layer_within_the_constraint(tok, fact):
     assert FTLConfig().resolve_layer(18) == 12 and FTLConfig().resolve_layer(30) == 20
 
 
+@pytest.mark.parametrize("pack", [None, 64])
+def test_ftl_objectives_score_the_target_where_easyedit_does(tok, fact, pack):
+    """target_new: each target token teacher-forced at the position before it; prompt_last: every
+    target token at the prompt's last position, the target not fed in. Both against the model's
+    own forward, on three-token targets (where the two differ)."""
+    model = tiny_model("gemma3")
+    runner = ModelRunner(model, tok)
+    items = training_items(fact, tok, LANGS, paraphrases=1)
+    pairs = [(list(it.prompt_ids), list(it.target_ids) + [5, 9]) for it in items]
+    with torch.no_grad():
+        want = {"target_new": [], "prompt_last": []}
+        for p, t in pairs:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0], -1)
+            want["target_new"].append(-logp[torch.arange(len(p) - 1, len(p) + len(t) - 1),
+                                            torch.tensor(t)].mean())
+            last = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1], -1)
+            want["prompt_last"].append(-last[torch.tensor(t)].mean())
+        for objective, nll in want.items():
+            b = TrainBatch(runner, pairs, [], pack=pack, prompt_last=objective == "prompt_last")
+            b.prepare(runner, 1)
+            got = b.losses(runner, 1, full=True)[0]
+            torch.testing.assert_close(got, torch.stack(nll), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(torch.stack(want["target_new"]), torch.stack(want["prompt_last"]))
+
+
+def test_ftl_defaults_to_easyedit_prompt_last_and_lowers_it(tok, fact):
+    """The default FT-L (prompt_last, EasyEdit's stop rule) raises the target tokens' probability
+    at the prompt's end, measured with the model's own forward before and after."""
+    model = confident(tiny_model("gemma3"))
+    items = training_items(fact, tok, LANGS, paraphrases=2)
+
+    def at_prompt_end():
+        with torch.no_grad():
+            return sum(-torch.log_softmax(model(input_ids=torch.tensor([it.prompt_ids])).logits[0, -1],
+                                          -1)[list(it.target_ids)].mean() for it in items) / len(items)
+
+    before = at_prompt_end()
+    report = ftl_edit(model, tok, fact, FTLConfig(layer=1, lr=1e-2, steps=10), LANGS, progress=False)
+    assert report["config"]["objective"] == "prompt_last" and report["config"]["stop_nll"] == 1e-2
+    assert at_prompt_end() < before - 0.5
+    torch.testing.assert_close(torch.tensor(report["losses"]["nll_start"]), before)
+    with pytest.raises(ConfigError, match="objective must be one of prompt_last, target_new"):
+        FTLConfig(objective="prompt-last").validate()
+
+
 def test_a_target_that_tokenizes_to_nothing_names_file_line_and_field(tok, tmp_path):
     from tokenizers import normalizers
 

@@ -62,7 +62,8 @@ def one_line_error(res, *needles):
 @pytest.mark.parametrize("method", ["lafn", "ft-l"])
 def test_edit_writes_a_loadable_checkpoint_with_lineage(tiny_ckpt, tmp_path, method):
     out, rep = tmp_path / "edited", tmp_path / "neurons.json"
-    ftl = ["--layer", "1", "--norm-constraint", "1e-3"] if method == "ft-l" else []
+    ftl = (["--layer", "1", "--norm-constraint", "1e-3", "--objective", "target_new"]
+           if method == "ft-l" else [])
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--method", method,
                   "--langs", "en,de", "--limit", "2", "--offset", "1", "--paraphrases", "1",
                   "--report", rep, "--json", *ftl)
@@ -85,9 +86,10 @@ def test_edit_writes_a_loadable_checkpoint_with_lineage(tiny_ckpt, tmp_path, met
         assert len(unrelated["texts"]) == 8 + unrelated["sampled_questions"]
         report = json.loads(rep.read_text())
         assert len(report["layer_histogram"]) == 2 and "en-de" in report["language_overlap_jaccard"]
-    else:  # --layer and --norm-constraint reach the fine-tuning
+    else:  # --layer, --norm-constraint and --objective reach the fine-tuning
         assert diff == ["model.layers.1.mlp.down_proj.weight"]
         assert last["config"]["layer"] == 1 and last["config"]["norm_constraint"] == 1e-3
+        assert last["config"]["objective"] == "target_new"
         moved = ck.model.state_dict()[diff[0]] - base.model.state_dict()[diff[0]]
         assert moved.abs().max() <= 1e-3 + 1e-6
         assert not rep.exists() and "unrelated_prompts" not in last
@@ -123,6 +125,8 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
                            "--nll-floor", "-1"), "nll_floor must be >= 0")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
                            "--norm-constraint", "1e-4"), "--norm-constraint", "ft-l only")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
+                           "--objective", "target_new"), "--objective", "ft-l only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
                            "--method", "ft-l", "--foreign-answers", "1"), "--foreign-answers",
                    "lafn only")

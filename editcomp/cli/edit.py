@@ -95,6 +95,11 @@ from editcomp.errors import EditcompError
               help="ft-l: keep every tuned weight within this of its original value (ROME's "
                    "constrained FT-L: 5e-5 for GPT-J, 5e-4 for GPT-2) [default: none, as "
                    "EasyEdit's FT settings].")
+@click.option("--objective", default=None, type=click.Choice(["prompt_last", "target_new"]),
+              help="ft-l: prompt_last scores every target token at the prompt's last position "
+                   "(EasyEdit's FT-L); target_new is the teacher-forced NLL of each target token "
+                   "(EasyEdit's FT-M, a stronger edit of multi-token answers) [default: "
+                   "prompt_last].")
 @autocast_option("lafn", "The deltas and the written weights stay in the checkpoint's dtype.")
 @click.option("--report", "report_file", default=None, type=click.Path(dir_okay=False),
               help="Write the neuron-location report (lafn) as JSON here.")
@@ -105,8 +110,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, nll_floor, layer, norm_constraint, autocast, report_file, force,
-             device, dtype, as_json):
+             answer_preserve, nll_floor, layer, norm_constraint, objective, autocast, report_file,
+             force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -128,8 +133,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                             "--foreign-answers, --risk-questions, --answer-preserve, "
                             "--nll-floor and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
-    if method == "lafn" and (layer is not None or norm_constraint is not None):
-        raise EditcompError("--layer and --norm-constraint apply to --method ft-l only")
+    if method == "lafn" and (layer is not None or norm_constraint is not None or objective):
+        raise EditcompError("--layer, --norm-constraint and --objective apply to --method ft-l only")
     extra = {k: v for k, v in (("paraphrases", paraphrases), ("steps", steps)) if v is not None}
     lafn_extra = {k: v for k, v in (("preserve_weight", preserve_weight), ("neighbors", neighbors),
                                     ("batch_questions", batch_questions),
@@ -143,6 +148,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                                            locate=LocateConfig(**where), **extra,
                                                            **lafn_extra))
     else:
+        if objective:
+            extra["objective"] = objective
         config = EditConfig(method="ft-l", ftl=FTLConfig(layer=layer, norm_constraint=norm_constraint,
                                                          **extra))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,

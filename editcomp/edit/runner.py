@@ -182,13 +182,21 @@ class TrainBatch:
     ``row_cache``: bytes: the output rows of the KL's top tokens and of the NLL's candidates are
     gathered once (when each set is made) if they fit, instead of at every step. Gathering them
     from a 262k x 640 output matrix is scattered reads of ~30 MB a step for a single edit; a batch
-    of many facts has too many rows to keep (the default fits a single edit)."""
+    of many facts has too many rows to keep (the default fits a single edit).
+
+    ``prompt_last``: every target token is scored at the prompt's last position instead of the
+    position before it (the target is not fed in): EasyEdit's FT-L objective
+    (``objective_optimization: prompt_last``, from ROME's FT baseline). A pair's NLL is then the
+    mean over its target tokens of -log p(token | prompt), and a multi-token target cannot have
+    every token as the argmax there."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
                  nll_vocab: int | None = None, pack: int | None = None,
-                 kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE):
-        seqs = [list(p) + list(t[:-1]) for p, t in pairs] + [list(p) for p in kl_prompts]
+                 kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE,
+                 prompt_last: bool = False):
+        fed = [list(p) if prompt_last else list(p) + list(t[:-1]) for p, t in pairs]
+        seqs = fed + [list(p) for p in kl_prompts]
         # pos: the position ids of a packed batch (None: padded)
         self.ids, self.mask, self.pos, where = _layout(runner, seqs, pack)
         self.n_pairs, self.n_kl = len(pairs), len(kl_prompts)
@@ -197,7 +205,7 @@ class TrainBatch:
             row, at = where[i]
             for j, tok in enumerate(t):
                 self.rows.append(row)
-                self.cols.append(at + len(p) - 1 + j)
+                self.cols.append(at + len(p) - 1 + (0 if prompt_last else j))
                 self.labels.append(int(tok))
                 self.owner.append(i)
         # KL at every position of the unrelated prompts (after the first token): the located
@@ -389,14 +397,15 @@ def weights_held_as(runner: ModelRunner, start: int, dtype: torch.dtype | None):
 def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
                   kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None,
-                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE
-                  ) -> list[TrainBatch]:
+                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE,
+                  prompt_last: bool = False) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
     mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
     groups the chunks repeat, so one optimizer round still sees every KL prompt once: the KL term
     is then a rotating sample, and a step runs ``1 / kl_groups`` of the unrelated tokens.
-    ``pack``, ``kl_top`` (one per KL prompt), ``row_cache`` (bytes per batch): see ``TrainBatch``."""
+    ``pack``, ``kl_top`` (one per KL prompt), ``row_cache`` (bytes per batch), ``prompt_last``:
+    see ``TrainBatch``."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     if not chunks:
@@ -407,7 +416,7 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
     top_sets = [tops[g::groups] for g in range(groups)]
     n = max(len(chunks), groups) if kl_prompts else len(chunks)
     return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
-                       kl_vocab, nll_vocab, pack, top_sets[b % groups], row_cache)
+                       kl_vocab, nll_vocab, pack, top_sets[b % groups], row_cache, prompt_last)
             for b in range(n)]
 
 
