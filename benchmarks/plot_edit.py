@@ -4,7 +4,8 @@ An edit method trades one for the other (a stronger edit reaches more rephrasing
 unrelated answers), so a single table row cannot say whether one method beats another: this
 plot shows each row as a point, one panel per language pair, the edited language filled and
 English hollow, with the issue's single-edit targets as dashed lines. FT-L rows that differ only
-in ``norm_constraint`` are joined in order, tracing the baseline's trade-off curve.
+in ``norm_constraint`` are joined in order, tracing the baseline's trade-off curve (one curve per
+setting of the rest, e.g. per ``objective``).
 
     python benchmarks/plot_edit.py benchmarks/results/edit_gemma3-270m_single_4lang20_ftl_constraints.json \\
         --out docs/figures/edit_lafn_vs_ftl.png
@@ -33,10 +34,19 @@ def constraint(method: str) -> float:
     return float("inf")
 
 
-def ftl_curve(per_method: dict, lang: str) -> list[tuple[float, float]]:
-    """FT-L's (generality, locality) points in ``lang``, in norm-constraint order."""
+def curve_of(method: str) -> str:
+    """The FT-L curve a row lies on: its name without the ``norm_constraint`` piece."""
+    return "@".join(p for p in method.split("@") if not p.startswith("norm_constraint="))
+
+
+def ftl_curves(per_method: dict, lang: str) -> dict[str, list[tuple[float, float]]]:
+    """{curve: FT-L's (generality, locality) points in ``lang``, in norm-constraint order}."""
     ftl = sorted((m for m in per_method if m.split("@")[0] == "ft-l"), key=constraint)
-    return [per_method[m][lang] for m in ftl if lang in per_method[m]]
+    out: dict = {}
+    for m in ftl:
+        if lang in per_method[m]:
+            out.setdefault(curve_of(m), []).append(per_method[m][lang])
+    return out
 
 
 def points(rows, protocol):
@@ -61,15 +71,19 @@ def locality_at(generality: float, curve) -> float | None:
 
 
 def comparison(rows, method="lafn", protocol="single") -> list[str]:
-    """Markdown rows: ``method``'s generality and locality per language, and FT-L's locality at
-    the same generality along its norm-constraint curve (what FT-L gives up to edit as widely)."""
-    lines = [f"| pair | lang | {method} generality | {method} locality | FT-L locality there |",
-             "|---|---|---:|---:|---:|"]
-    for pair, per_method in sorted(points(rows, protocol).items()):
+    """Markdown rows: ``method``'s generality and locality per language, and each FT-L curve's
+    locality at the same generality (what FT-L gives up to edit as widely; '-': that curve never
+    reaches this generality)."""
+    data = points(rows, protocol)
+    curves = sorted({curve_of(m) for per in data.values() for m in per if m.split("@")[0] == "ft-l"})
+    lines = [f"| pair | lang | {method} generality | {method} locality | "
+             + " | ".join(f"{c} locality there" for c in curves) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(curves)]
+    for pair, per_method in sorted(data.items()):
         for lang, (gen, loc) in sorted(per_method.get(method, {}).items()):
-            there = locality_at(gen, ftl_curve(per_method, lang))
+            there = [locality_at(gen, ftl_curves(per_method, lang).get(c, [])) for c in curves]
             lines.append(f"| {pair} | {lang} | {gen:.3f} | {loc:.3f} | "
-                         f"{'-' if there is None else f'{there:.3f}'} |")
+                         + " | ".join("-" if t is None else f"{t:.3f}" for t in there) + " |")
     return lines
 
 
@@ -88,9 +102,9 @@ def plot(rows, protocol="single", title=""):
     for ax, (pair, per_method) in zip(axes.flat, sorted(data.items())):
         lang = pair.split("+")[1]
         for which, hollow in ((lang, False), ("en", True)):
-            curve = ftl_curve(per_method, which)
-            if len(curve) > 1:
-                ax.plot(*zip(*curve), color="0.6", lw=1, ls=":" if hollow else "-", zorder=1)
+            for curve in ftl_curves(per_method, which).values():
+                if len(curve) > 1:
+                    ax.plot(*zip(*curve), color="0.6", lw=1, ls=":" if hollow else "-", zorder=1)
             for m, per_lang in per_method.items():
                 if which in per_lang:
                     ax.scatter(*per_lang[which], s=40, zorder=2, edgecolors=colors[m],
