@@ -313,7 +313,8 @@ def main():
                     help="lafn, ft-l, and the ablations " + ", ".join(ABLATIONS)
                     + ", lafn-preserve:WEIGHT; any LAFN row may end in @FIELD=VALUE overrides "
                     "of LAFNConfig (locate.FIELD: LocateConfig), e.g. lafn@stop_nll=0.5, and any "
-                    "FT-L row of FTLConfig, e.g. ft-l@norm_constraint=5e-5")
+                    "FT-L row of FTLConfig, e.g. ft-l@norm_constraint=5e-5 or ft-l@objective=target_new "
+                    "(EasyEdit's FT-M)")
     ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 test windows (0: skip).")
