@@ -21,27 +21,26 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from edit import is_ftl, overrides  # noqa: E402  (benchmarks/edit.py: how its rows are named)
 
 TARGETS = {"generality": 0.80, "locality": 0.95}  # issue 5, single edits
 
 
 def constraint(method: str) -> float:
     """An FT-L row's norm constraint (inf: unconstrained), for ordering its curve."""
-    for piece in method.split("@")[1:]:
-        key, _, value = piece.partition("=")
-        if key == "norm_constraint" and value.lower() != "none":
-            return float(value)
-    return float("inf")
+    value = dict(overrides(method)).get("norm_constraint", "none")
+    return float("inf") if value.lower() == "none" else float(value)
 
 
 def curve_of(method: str) -> str:
     """The FT-L curve a row lies on: its name without the ``norm_constraint`` piece."""
-    return "@".join(p for p in method.split("@") if not p.startswith("norm_constraint="))
+    return "@".join([method.split("@")[0]] + [f"{key}={value}" for key, value in overrides(method)
+                                               if key != "norm_constraint"])
 
 
 def ftl_curves(per_method: dict, lang: str) -> dict[str, list[tuple[float, float]]]:
     """{curve: FT-L's (generality, locality) points in ``lang``, in norm-constraint order}."""
-    ftl = sorted((m for m in per_method if m.split("@")[0] == "ft-l"), key=constraint)
+    ftl = sorted(filter(is_ftl, per_method), key=constraint)
     out: dict = {}
     for m in ftl:
         if lang in per_method[m]:
@@ -75,13 +74,14 @@ def comparison(rows, method="lafn", protocol="single") -> list[str]:
     locality at the same generality (what FT-L gives up to edit as widely; '-': that curve never
     reaches this generality)."""
     data = points(rows, protocol)
-    curves = sorted({curve_of(m) for per in data.values() for m in per if m.split("@")[0] == "ft-l"})
+    curves = sorted({curve_of(m) for per in data.values() for m in filter(is_ftl, per)})
     lines = [f"| pair | lang | {method} generality | {method} locality | "
              + " | ".join(f"{c} locality there" for c in curves) + " |",
              "|---|---|---:|---:|" + "---:|" * len(curves)]
     for pair, per_method in sorted(data.items()):
         for lang, (gen, loc) in sorted(per_method.get(method, {}).items()):
-            there = [locality_at(gen, ftl_curves(per_method, lang).get(c, [])) for c in curves]
+            on = ftl_curves(per_method, lang)
+            there = [locality_at(gen, on.get(c, [])) for c in curves]
             lines.append(f"| {pair} | {lang} | {gen:.3f} | {loc:.3f} | "
                          + " | ".join("-" if t is None else f"{t:.3f}" for t in there) + " |")
     return lines
