@@ -357,6 +357,11 @@ def test_selectivity_puts_a_neuron_quiet_on_unrelated_text_first():
     kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, max_neurons=2, min_neurons=3,
                                                                selectivity=1.0), generic)
     assert kept == [{0: [5, 7]}] and report["facts"][0]["fallback"]
+    # unset: selective for a fact located alone, by strength for facts located together
+    for n_facts, first in ((1, 7), (2, 5)):
+        kept, report = locate_neurons(acts, items, n_facts, LocateConfig(
+            **cfg, max_neurons=1, min_neurons=1), generic)
+        assert kept[0] == {0: [first]} and report["selectivity"] == (n_facts == 1)
     with pytest.raises(ConfigError, match="selectivity"):
         LocateConfig(selectivity=1.5).validate()
 
@@ -765,13 +770,14 @@ def test_answer_preservation_keeps_a_single_edit_off_the_questions_answers(tok, 
 
     before = at_answers(model)
     changes = []
-    for weight in (0.0, 10.0):
+    for weight in (0.0, 10.0, None):  # None: a fact edited alone takes SINGLE_ANSWER_PRESERVE
         m = copy.deepcopy(model)
         report = lafn_edit(m, tok, fact, replace(cfg, answer_preserve=weight), LANGS,
                            progress=False, questions=pool)
         assert report["neurons"]["total"] > 0
+        assert report["answer_preserve"] == (10.0 if weight is None else weight)
         changes.append(sum(float((a - b).pow(2).mean()) for a, b in zip(at_answers(m), before)))
-    assert changes[0] > 0 and changes[1] < 0.5 * changes[0]
+    assert changes[0] > 0 and changes[1] < 0.5 * changes[0] and changes[2] == changes[1]
 
 
 def test_kl_groups_rotate_the_unrelated_prompts_over_steps(tok, fact):
@@ -811,8 +817,11 @@ def test_lafn_edit_takes_and_only_located_columns_change(tok, fact, autocast):
     m0 = edit_metrics(model, tok, fact, LANGS, progress=False)
     # a random tiny model's activations are small, so its deltas must be large: no norm penalty here.
     # 160 steps: at 80 the bf16 run held en at 2 of 3 target tokens on a CPU without native bf16
-    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, share=0.9, generic_share=None),
-                     steps=160, lr=2.0,
+    # The update's mechanics only: no answer-position preservation or selective ranking (a fact
+    # edited alone's defaults; their own tests are apart), so no questions sampled from a random model
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.1, share=0.9, generic_share=None,
+                                         selectivity=0.0),
+                     steps=160, lr=2.0, answer_preserve=0.0,
                      norm_weight=0.0, kl_weight=2.0, autocast=autocast)
     report = lafn_edit(model, tok, fact, cfg, LANGS, progress=False)
     assert report["train_matmuls"] == ("float32" if autocast == "off" else "bfloat16")
@@ -948,9 +957,11 @@ def _first_step_change(tok, facts, lr):
 
 
 def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok, monkeypatch):
-    """... and the eager attention kernel for one fact, the model's own for a batch."""
+    """... and the eager attention kernel for one fact, the model's own for a batch; and the
+    answer-position preservation and selective neuron ranking for a fact edited alone only."""
     import editcomp.edit.lafn as lafn_mod
-    from editcomp.edit.lafn_config import BATCH_LR, BATCH_NLL_FLOOR, SINGLE_LR
+    from editcomp.edit.lafn_config import (BATCH_LR, BATCH_NLL_FLOOR, SINGLE_ANSWER_PRESERVE,
+                                           SINGLE_LR)
     kernels = []
 
     def spy(model, name):
@@ -972,6 +983,11 @@ def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok,
     assert kernels == ["eager", "eager", None, "eager", "eager"]
     assert rep["attention"] == seq["attention"] == "eager"
     assert batch["attention"] == "the model's own"
+    for report, alone in ((rep, True), (seq, True), (batch, False)):
+        assert report["answer_preserve"] == (SINGLE_ANSWER_PRESERVE if alone else 0.0)
+        assert report["selectivity"] == (1.0 if alone else 0.0)
+    assert LAFNConfig(answer_preserve=3.0).answer_preserve_for(2) == 3.0
+    assert LocateConfig(selectivity=0.5).selectivity_for(1) == 0.5
     assert LAFNConfig(attention="sdpa").attention_for(1) == "sdpa"
     assert LAFNConfig(attention=None).attention_for(1) is None
 

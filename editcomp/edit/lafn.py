@@ -211,7 +211,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          kl_weight=config.kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
                                           + config.preserve_weight * deltas.preservation()
-                                          + config.answer_preserve * deltas.answer_preservation()),
+                                          + config.answer_preserve_for(len(facts))
+                                          * deltas.answer_preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn",
                          nll_floor=config.target_floor(len(facts)),
                          lr_growth=config.lr_growth_for(len(facts)),
@@ -319,7 +320,8 @@ def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts,
     acts = mean_activations(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
                             _answer_positions(prompts))
     moments = (answer_moments(model, tokenizer, prompts, config)
-               if config is not None and config.answer_preserve > 0 else prompts.answer_moments)
+               if config is not None and config.answer_preserve_for(1) > 0
+               else prompts.answer_moments)
     return replace(prompts, answer_acts=acts, answer_moments=moments)
 
 
@@ -418,9 +420,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
     prompts, and their tokens' moments the preservation text. A fact edited alone takes the
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
-    ``with_answer_activations(..., config)`` to edit many facts from one pool). With ``config.answer_preserve``
-    an edit also keeps its columns' output where those questions are answered (alone or
-    together). ``answer_spans``: names and dates of generic text (``answers.answer_spans``),
+    ``with_answer_activations(..., config)`` to edit many facts from one pool). With an
+    answer-preservation weight (``config.answer_preserve_for``: by default only a fact edited
+    alone) an edit also keeps its columns' output where those questions are answered. ``answer_spans``: names and dates of generic text (``answers.answer_spans``),
     which facts edited together take as the sampled questions' foreign answers
     (``config.foreign_answers``); None: none.
     """
@@ -436,6 +438,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     n_questions = 0
     answers = None  # moments where the sampled questions are answered (``answer_preserve``)
     alone = len(facts) == 1 or config.sequential  # each fact trained by itself
+    answer_weight = config.answer_preserve_for(1 if alone else len(facts))
     if not alone and config.batch_questions > 0:
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
@@ -448,7 +451,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             else:  # filtered again: a drawn answer may name an edited subject
                 questions = _without_subjects(with_foreign_answers(
                     tokenizer, questions, answer_spans, copies), facts)
-        if config.answer_preserve > 0 and questions.ids:
+        if answer_weight > 0 and questions.ids:
             answers = answer_moments(model, tokenizer, questions, config)
         kl_texts += questions.texts
         kl_ids += [list(p) for p in questions.ids]
@@ -459,15 +462,16 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
     wants_risk = config.risk_questions > 0 and config.kl_weight > 0
-    if alone and (wants_risk or config.answer_preserve > 0):
+    has_pool = questions is not None or config.batch_questions > 0  # 0 questions: no pool
+    if alone and has_pool and (wants_risk or answer_weight > 0):
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         pool = _without_subjects(questions, facts)
-        if (wants_risk and pool.answer_acts is None
-                or config.answer_preserve > 0 and pool.answer_moments is None):
+        if pool.ids and (wants_risk and pool.answer_acts is None
+                         or answer_weight > 0 and pool.answer_moments is None):
             pool = with_answer_activations(model, tokenizer, pool, config)
-        risk_pool = pool if wants_risk else None
-        if config.answer_preserve > 0:
+        risk_pool = pool if wants_risk and pool.ids else None
+        if answer_weight > 0:
             answers = pool.answer_moments
     runs = []
     for g in tqdm(groups, desc="facts", unit="fact", disable=not progress or len(groups) < 2):
@@ -499,6 +503,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "learning_rate": config.learning_rate(group_size),
         "attention": config.attention_for(group_size) or "the model's own",
         "nll_floor": config.target_floor(group_size),
+        "answer_preserve": config.answer_preserve_for(group_size),
+        "selectivity": config.locate.selectivity_for(group_size),
         "facts": len(facts),
         "training_pairs": len(items),
         "paraphrase_source": PARAPHRASE_SOURCE if config.paraphrases else "given paraphrases only",

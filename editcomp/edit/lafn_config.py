@@ -16,6 +16,7 @@ from editcomp.errors import ConfigError
 SINGLE_LR = 0.1   # LAFNConfig.learning_rate: one fact at a time
 BATCH_LR = 0.05   # ... several facts edited together
 BATCH_NLL_FLOOR = 0.5  # LAFNConfig.nll_floor for facts edited together
+SINGLE_ANSWER_PRESERVE = 10.0  # LAFNConfig.answer_preserve for a fact edited alone
 
 
 @dataclass
@@ -157,20 +158,29 @@ class LAFNConfig:
     #                               30 zh cases, 0 -> 8: locality 0.928/0.914 -> 0.923/0.904,
     #                               9.95 -> 16.2 s per edit (``answer_preserve`` does better)
 
-    answer_preserve: float = 0.0  # weight of the preservation term over the sampled questions'
-    #                               answer positions (their last token and what follows it:
-    #                               lafn.answer_moments, NeuronDeltas.answer_preservation), where
-    #                               a single edit's worst leaks are: the target's token as the
-    #                               first answer token of another question. gemma3-270m, the
-    #                               first 30 single zh edits, 0 / 5 / 10 in one run: locality
-    #                               en/zh 0.928/0.914 / 0.952/0.902 / 0.953/0.934, generality
-    #                               0.987/0.982 / 0.976/0.928 / 0.877/0.929, 9.95 / 10.9 / 12.9 s
-    #                               per edit plus ~90 s sampling the questions once. The de batch
-    #                               of 100 at 20 lost locality and reliability (0.873/0.783 ->
-    #                               0.846/0.739; 0.93/0.91 -> 0.90/0.86; session 28's row). Off: it
-    #                               trades generality and time for locality. With
-    #                               risk_questions 8 at 5: locality 0.960/0.924, generality
-    #                               0.904/0.935, 19.6 s (benchmarks/results/README.md, session 29)
+    answer_preserve: float | None = None  # weight of the preservation term over the sampled
+    #                               questions' answer positions (their last token and what
+    #                               follows it: lafn.answer_moments, NeuronDeltas.
+    #                               answer_preservation), where a single edit's worst leaks are:
+    #                               the target's token as the first answer token of another
+    #                               question. None: ``SINGLE_ANSWER_PRESERVE`` for a fact edited
+    #                               alone, 0 for facts edited together (``answer_preserve_for``).
+    #                               Alone it pays off with the selective neuron ranking
+    #                               (``LocateConfig.selectivity_for``), which puts quiet neurons
+    #                               first, whose output there is cheap to keep. gemma3-270m, the
+    #                               first 20 single edits of each of de/fr/zh/es against session
+    #                               33's defaults (0 and selectivity 0): locality en/L de
+    #                               0.92/0.94 -> 0.938/0.925, fr 0.91/0.86 -> 0.936/0.944, zh
+    #                               0.91/0.90 -> 0.949/0.923, es 0.90/0.89 -> 0.913/0.921;
+    #                               generality 0.90-1.00; 4.0-6.4 -> 5.1-9.1 s per edit, plus
+    #                               ~80 s once per call to sample the questions. Either alone
+    #                               moved little (fr: 0.912/0.858 -> 0.901/0.877 at 10, 0.900/0.845
+    #                               with selectivity 1). At 20: locality de 0.938/0.988, zh
+    #                               0.936/0.971, es 0.924/0.946, but zh ran 15.8 s per edit (3 of
+    #                               20 to the 80-step cap) and generality fell to 0.85-0.87 in zh
+    #                               and de (session 34). The de batch of 100 at 20 lost locality
+    #                               and reliability (0.873/0.783 -> 0.846/0.739; 0.93/0.91 ->
+    #                               0.90/0.86; session 29), so a batch keeps 0
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -181,6 +191,13 @@ class LAFNConfig:
         if self.lr is not None:
             return self.lr
         return SINGLE_LR if n_facts == 1 else BATCH_LR
+
+    def answer_preserve_for(self, n_facts: int) -> float:
+        """The weight of the answer-position preservation term for ``n_facts`` edited together:
+        ``answer_preserve`` if set, else ``SINGLE_ANSWER_PRESERVE`` for one fact and 0 for more."""
+        if self.answer_preserve is not None:
+            return self.answer_preserve
+        return SINGLE_ANSWER_PRESERVE if n_facts == 1 else 0.0
 
     def target_floor(self, n_facts: int) -> float:
         """The NLL below which a pair is not pushed further: ``nll_floor`` if set, else 0 for one

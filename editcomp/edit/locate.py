@@ -72,16 +72,29 @@ class LocateConfig:
     #                             12, 75, 90 ran 80 steps to reliability 0.6-0.8); 8 -> 24 on
     #                             the 8 de/zh cases with fewer than 24: all reach the target, in
     #                             4-19 steps instead of 9-80
-    selectivity: float = 0.0    # which of a fact's equally consistent neurons come first under
-    #                             ``max_neurons``: |activation| on its prompts over the layer's
-    #                             top-fraction threshold (strength) ** (1 - s) times over the
-    #                             neuron's own mean |activation| on unrelated text ** s.
-    #                             gemma3-270m, 36 single zh edits whose locality the default
-    #                             missed, 0 -> 1: locality en/zh 0.89/0.68 -> 0.91/0.85, but
-    #                             reliability 1.00/1.00 -> 0.98/0.91 and 11.6 -> 25.4 s per edit
-    #                             (quiet neurons need larger deltas: 18 -> 41 steps); 0 for that.
-    #                             Measured with ``continuation`` on and min_neurons 8
+    selectivity: float | None = None  # which of a fact's equally consistent neurons come
+    #                             first under ``max_neurons``: |activation| on its prompts over
+    #                             the layer's top-fraction threshold (strength) ** (1 - s) times
+    #                             over the neuron's own mean |activation| on unrelated text ** s.
+    #                             None: 1 for a fact located alone, 0 for facts located
+    #                             together (``selectivity_for``). Alone, with the
+    #                             answer-position preservation term (``LAFNConfig.
+    #                             answer_preserve_for``) it keeps other answers best (session
+    #                             34); by itself it moved little. Session 27, with
+    #                             ``continuation`` on and min_neurons 8, gemma3-270m, 36 single
+    #                             zh edits whose locality the default missed, 0 -> 1: locality
+    #                             en/zh 0.89/0.68 -> 0.91/0.85, reliability 1.00/1.00 ->
+    #                             0.98/0.91, 11.6 -> 25.4 s per edit (quiet neurons needed larger
+    #                             deltas: 18 -> 41 steps); with today's location the steps hardly
+    #                             change. Facts located together keep 0: not measured on a batch
     batch_size: int = 16
+
+    def selectivity_for(self, n_facts: int) -> float:
+        """The selectivity for ``n_facts`` located together: ``selectivity`` if set, else 1 for
+        one fact and 0 for more."""
+        if self.selectivity is not None:
+            return self.selectivity
+        return 1.0 if n_facts == 1 else 0.0
 
     def validate(self) -> None:
         if not 0 < self.top_frac <= 1:
@@ -92,7 +105,7 @@ class LocateConfig:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise ConfigError(f"{name} must be in (0, 1] or None, got {v}")
-        if not 0 <= self.selectivity <= 1:
+        if self.selectivity is not None and not 0 <= self.selectivity <= 1:
             raise ConfigError(f"selectivity must be in [0, 1], got {self.selectivity}")
         if self.min_neurons < 1:
             raise ConfigError(f"min_neurons must be >= 1, got {self.min_neurons}")
@@ -286,9 +299,10 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     if generic is not None and config.form_share is not None and generic_ends:
         banned |= _shared(candidates(generic[:, generic_ends].abs(), config.top_frac)[0],
                           config.form_share)
-    if config.selectivity > 0 and generic is not None and generic.shape[1]:
+    selectivity = config.selectivity_for(n_facts)
+    if selectivity > 0 and generic is not None and generic.shape[1]:
         usual = generic.abs().mean(1, keepdim=True).clamp_min(1e-6)  # [L, 1, I]
-        rel = rel.clamp_min(1e-12) ** (1 - config.selectivity) * (acts / usual) ** config.selectivity
+        rel = rel.clamp_min(1e-12) ** (1 - selectivity) * (acts / usual) ** selectivity
     per_fact: list[dict[int, list[int]]] = []
     fact_rows = []
     overlap: dict[str, list[float]] = {}
@@ -348,6 +362,7 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     counts = [r["neurons"] for r in fact_rows]
     report = {
         "config": asdict(config),
+        "selectivity": selectivity,
         "layers": n_layers,
         "layer_histogram": hist,
         "neurons_total": sum(counts),
