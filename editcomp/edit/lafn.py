@@ -422,8 +422,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
     ``with_answer_activations(..., config)`` to edit many facts from one pool). With an
     answer-preservation weight (``config.answer_preserve_for``: by default only a fact edited
-    alone) an edit also keeps its columns' output where those questions are answered. ``answer_spans``: names and dates of generic text (``answers.answer_spans``),
-    which facts edited together take as the sampled questions' foreign answers
+    alone) an edit also keeps its columns' output where those questions are answered.
+    ``answer_spans``: names and dates of generic text (``answers.answer_spans``), which facts
+    edited together take as the sampled questions' foreign answers
     (``config.foreign_answers``); None: none.
     """
     config = config or LAFNConfig()

@@ -172,7 +172,7 @@ class LAFNConfig:
     #                               33's defaults (0 and selectivity 0): locality en/L de
     #                               0.92/0.94 -> 0.938/0.925, fr 0.91/0.86 -> 0.936/0.944, zh
     #                               0.91/0.90 -> 0.949/0.923, es 0.90/0.89 -> 0.913/0.921;
-    #                               generality 0.90-1.00; 4.0-6.4 -> 5.1-9.1 s per edit, plus
+    #                               generality 0.90-1.00; 4.0-6.4 -> 5.3-9.4 s per edit, plus
     #                               ~80 s once per call to sample the questions. Either alone
     #                               moved little (fr: 0.912/0.858 -> 0.901/0.877 at 10, 0.900/0.845
     #                               with selectivity 1). At 20: locality de 0.938/0.988, zh
