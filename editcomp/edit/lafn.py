@@ -193,6 +193,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          {layer: float(v) for layer, v in deltas.scale.items()})
         kl_ids = kl_ids + [list(risk_pool.ids[k]) for k in risky]
     start = min(neurons)
+    answer_weight = config.answer_preserve_for(len(facts))
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
     # without a KL term the unrelated prompts only serve the location (no forward pass per step)
     kl_groups = max(config.kl_groups, -(-len(kl_ids) // config.kl_per_step))
@@ -211,8 +212,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          kl_weight=config.kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
                                           + config.preserve_weight * deltas.preservation()
-                                          + config.answer_preserve_for(len(facts))
-                                          * deltas.answer_preservation()),
+                                          + answer_weight * deltas.answer_preservation()),
                          stop_nll=config.stop_nll, progress=progress, desc="lafn",
                          nll_floor=config.target_floor(len(facts)),
                          lr_growth=config.lr_growth_for(len(facts)),
@@ -463,8 +463,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
     wants_risk = config.risk_questions > 0 and config.kl_weight > 0
-    has_pool = questions is not None or config.batch_questions > 0  # 0 questions: no pool
-    if alone and has_pool and (wants_risk or answer_weight > 0):
+    if alone and (wants_risk or answer_weight > 0):  # an empty pool (batch_questions 0): no terms
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         pool = _without_subjects(questions, facts)
