@@ -219,8 +219,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     t0 = time.time()
                     config = lafn_config(method, args)
                     unrelated = unrelated_prompts(model, tok, train_langs, config)
-                    if config.risk_questions > 0 or config.answer_preserve_for(1) > 0:  # a pool, as a
-                        # user's call samples once
+                    if config.samples_questions(1):  # a pool, as a user's call samples once
                         questions = with_answer_activations(
                             model, tok, sampled_questions(model, tok, train_langs, config), config)
                     setup = time.time() - t0

@@ -122,13 +122,17 @@ class EditConfig:
 
 def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offset: int = 0,
              report_file=None, force: bool = False, device=None, dtype=None,
-             lineage_extra: dict | None = None, preserve_text=DEFAULT_CALIB) -> dict:
+             lineage_extra: dict | None = None, preserve_text=DEFAULT_CALIB,
+             question_cache: bool = True) -> dict:
     """Edit the facts of ``facts`` into ``model``; measure reliability / generality / locality /
     portability per language against the unedited model; save with the facts' sha256.
     ``preserve_text`` (lafn): generic text whose FFN activations the edit must keep changing
     little (``lafn.preservation_moments``) and whose names and dates facts edited together take
     as foreign answers (``answers.py``); WikiText-2 valid.txt by default. Read only where
-    ``config.lafn.uses_generic_text``; None: neither."""
+    ``config.lafn.uses_generic_text``; None: neither. ``question_cache`` (lafn): the questions
+    an edit samples from the checkpoint are kept under ``$EDITCOMP_HOME/questions`` and read
+    there by the next edit of the same checkpoint (``question_cache.py``); False: sampled
+    anew and not kept."""
     from editcomp import checkpoint
     from editcomp.data import facts_sha256, load_facts, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
@@ -150,8 +154,15 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     method_config = config.method_config()
     ck = checkpoint.load(model, device=device, dtype=dtype)
     check_edit_inputs(fact_list, ck.tokenizer, langs)  # every target tokenizes
+    questions = None
+    if (question_cache and config.method == "lafn" and ck.path is not None
+            and method_config.samples_questions(len(fact_list))):
+        from editcomp.edit.lafn import edited_languages
+        from editcomp.edit.question_cache import cached_questions
+        questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
+                                     edited_languages(fact_list, langs), method_config)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
-                              preserve_text=preserve_text)
+                              preserve_text=preserve_text, questions=questions)
     metrics = {"edit": report["metrics"], "losses": report["losses"],
                "seconds": round(report["seconds"], 1)}
     if config.method == "lafn":

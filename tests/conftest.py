@@ -42,6 +42,15 @@ def run_cli(*args):
     return res
 
 
+@pytest.fixture(autouse=True)
+def question_cache_dir(tmp_path_factory, monkeypatch):
+    """LAFN edits keep the questions they sample under $EDITCOMP_HOME/questions; tests keep
+    them in a directory of their own instead of the user's cache."""
+    path = tmp_path_factory.mktemp("questions")
+    monkeypatch.setattr("editcomp.edit.question_cache.cache_dir", lambda: path)
+    return path
+
+
 # ------------------------------------------------------------------------------ tiny model + tokenizer
 
 

@@ -1173,9 +1173,13 @@ def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeyp
              "Where is the old bridge?", f"Who built the {subject}?")
     cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None,
                      risk_questions=2, batch_questions=0)
-    pool = with_answer_activations(model, tok, unrelated_prompts(
-        model, tok, ["en"], replace(cfg, kl_prompts=texts, kl_answers=False)))
+    asked = unrelated_prompts(model, tok, ["en"], replace(cfg, kl_prompts=texts, kl_answers=False))
+    pool = with_answer_activations(model, tok, asked)
     assert pool.answer_acts.shape[:2] == (get_adapter(model).num_layers, 4)
+    # a config's own pool: the activations only where it takes risk questions (a forward pass)
+    assert torch.equal(with_answer_activations(model, tok, asked, cfg).answer_acts, pool.answer_acts)
+    assert with_answer_activations(model, tok, asked, replace(
+        cfg, risk_questions=0, answer_preserve=0.0)).answer_acts is None
     seen = spy_kl_prompts(monkeypatch)
     single = lafn_edit(copy.deepcopy(model), tok, facts[:1], cfg, ["en"], progress=False,
                        questions=pool)

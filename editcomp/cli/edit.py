@@ -83,9 +83,15 @@ from editcomp.errors import EditcompError
               help="lafn: weight of a second preservation term, over the positions where the "
                    "sampled questions (--batch-questions) are answered: where an edit leaks "
                    "its target into other answers. Costs some generality and, for a fact edited "
-                   "alone, sampling those questions once per call (~80 s for gemma3-270m on a "
-                   "2-core CPU) [default: 10 for a fact edited alone, 0 for facts edited "
-                   "together].")
+                   "alone, sampling those questions (~80 s for gemma3-270m on a 2-core CPU, "
+                   "once per checkpoint: see --no-question-cache) [default: 10 for a fact edited "
+                   "alone, 0 for facts edited together].")
+@click.option("--question-cache/--no-question-cache", default=True,
+              help="lafn: keep the questions sampled from MODEL under $EDITCOMP_HOME/questions "
+                   "(default ~/.cache/editcomp), keyed by its weights' sha256, languages, "
+                   "sampling settings, device and dtype, so the next edit of MODEL reads them "
+                   "instead of sampling again; the edit is the same either way "
+                   "[default: on].")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "
@@ -113,8 +119,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, nll_floor, layer, norm_constraint, objective, autocast, report_file,
-             force, device, dtype, as_json):
+             answer_preserve, question_cache, nll_floor, layer, norm_constraint, objective,
+             autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -157,7 +163,7 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                                          **extra))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype,
-                      preserve_text=preserve_text or DEFAULT_CALIB)
+                      preserve_text=preserve_text or DEFAULT_CALIB, question_cache=question_cache)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")

@@ -248,6 +248,20 @@ class LAFNConfig:
         together = n_facts > 1 and not self.sequential
         return self.foreign_answers if together and self.batch_questions > 0 else 0
 
+    def samples_questions(self, n_facts: int) -> bool:
+        """Whether an edit of ``n_facts`` samples questions from the model (``lafn_edit``'s
+        ``questions``): facts edited together for their unrelated prompts, a fact edited alone
+        for its riskiest questions or its answer-preservation term."""
+        if self.batch_questions == 0:
+            return False
+        if n_facts > 1 and not self.sequential:
+            return True
+        return self.takes_risk_questions() or self.answer_preserve_for(1) > 0
+
+    def takes_risk_questions(self) -> bool:
+        """Whether a fact edited alone adds its riskiest sampled questions to its KL term."""
+        return self.risk_questions > 0 and self.kl_weight > 0
+
     def uses_generic_text(self, n_facts: int) -> bool:
         """Whether an edit of ``n_facts`` reads generic text: for the preservation term's
         moments, or for the names and dates of its foreign answers."""

@@ -20,6 +20,7 @@ from editcomp.edit.prompts import KL_PROMPTS, _base
 from editcomp.eval.perplexity import eval_mode
 
 QUESTION_ENDS = ("?", "？")
+QUESTION_TOKENS = 24  # the most tokens a sampled question may take
 
 # Questions about named people, works, teams and places, which the few-shot list mixes with
 # KL_PROMPTS' general-knowledge ones. With those alone gemma3-270m writes school-science
@@ -90,7 +91,7 @@ def keep_questions(lines: list[str], shots: list[str], subjects: list[str] = (),
 
 
 def sample_questions(model, tokenizer, lang: str, n: int, seed: int = 0,
-                     max_new_tokens: int = 24) -> list[str]:
+                     max_new_tokens: int = QUESTION_TOKENS) -> list[str]:
     """Up to ``n`` distinct questions in ``lang``, sampled (top-p 0.95) from the model as the next
     line of a list of ``few_shot_questions``; deterministic for a seed. Lines that are not
     questions are dropped, so a model that writes few gives fewer than ``n``."""

@@ -18,12 +18,14 @@ def check_edit_inputs(facts: list[Fact], tokenizer, langs=None) -> None:
 
 
 def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | FTLConfig, langs=None,
-                     progress: bool = True, preserve_text=None) -> dict:
+                     progress: bool = True, preserve_text=None, questions=None) -> dict:
     """Locality reference of the unedited model, the edit, then the edit metrics -> report with
     ``"metrics"`` (per language and mean: reliability, generality, locality, portability).
     ``preserve_text``: LAFN's generic text, or None; the caller (``jobs.edit_job``) passes one
     only where ``LAFNConfig.uses_generic_text``: its activation moments for the preservation term
-    (``preservation_moments``), its names and dates for the foreign answers (answers.py)."""
+    (``preservation_moments``), its names and dates for the foreign answers (answers.py).
+    ``questions``: LAFN's sampled questions of this model, if the caller has them
+    (``question_cache``); None: sampled by the edit where it needs them."""
     lafn = isinstance(config, LAFNConfig) and preserve_text
     # first: a bad text fails before any other work
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
@@ -35,7 +37,7 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
     else:
         report = lafn_edit(model, tokenizer, facts, config, langs, progress=progress,
-                           preserve=preserve, answer_spans=spans)
+                           preserve=preserve, answer_spans=spans, questions=questions)
     report["metrics"] = edit_metrics(model, tokenizer, facts, langs, progress=progress,
                                      reference=reference)
     return report
