@@ -80,6 +80,16 @@ def test_a_damaged_pool_is_sampled_again_and_replaced(tiny_llama, tiny_tokenizer
          "row_langs": fresh.row_langs}))
 
 
+def test_a_cache_that_cannot_be_written_warns_and_still_gives_the_pool(
+        tiny_llama, tiny_tokenizer, tmp_path, written_questions):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.warns(UserWarning, match="could not keep the question pool"):
+        pool = cached_questions(tiny_llama, tiny_tokenizer, "w1", ["en"], CONFIG, blocked)
+    assert pool == sampled_questions(tiny_llama, tiny_tokenizer, ["en"], CONFIG)
+    assert blocked.read_text() == "not a directory"
+
+
 def test_a_one_fact_edit_reads_the_pool_of_its_checkpoint_and_edits_the_same(
         tiny_ckpt, tmp_path, monkeypatch, written_questions, question_cache_dir):
     args = ["edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--langs", "en,de", "--limit", "1",

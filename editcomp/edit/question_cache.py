@@ -51,17 +51,22 @@ def cached_questions(model, tokenizer, weights_sha256: str, langs, config: LAFNC
                      directory: str | os.PathLike | None = None) -> UnrelatedPrompts:
     """``sampled_questions(model, tokenizer, langs, config)``, read from ``directory`` (default
     ``cache_dir()``) when this checkpoint's pool is there, else sampled and written there
-    (atomically). ``weights_sha256``: the checkpoint's (``checkpoint.weights_sha256``)."""
+    (atomically; where it cannot be written, a warning). ``weights_sha256``: the checkpoint's
+    (``checkpoint.weights_sha256``)."""
     param = next(model.parameters())
     key = questions_key(weights_sha256, langs, config, param.device, param.dtype)
     file = Path(directory if directory is not None else cache_dir()) / f"{key}.json"
     if file.exists():
         try:
             return _read(file)
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             warnings.warn(f"{file}: not a readable question pool ({e}); sampling it again")
     pool = sampled_questions(model, tokenizer, langs, config)
-    _write(file, pool)
+    try:
+        _write(file, pool)
+    except OSError as e:  # a read-only or full cache costs the next edit time, not this one
+        warnings.warn(f"could not keep the question pool at {file} ({e}); the next edit of this "
+                      "checkpoint samples it again")
     return pool
 
 
