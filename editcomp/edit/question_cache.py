@@ -4,10 +4,9 @@ LAFN samples a few hundred questions from the unedited model and continues each 
 (``lafn.sampled_questions``): a batch edit's unrelated prompts, a single edit's answer
 preservation. For one fact that is over half the call (gemma3-270m on a 2-core CPU: 94 s
 sampled, 42 s read back; benchmarks/edit_call.py), and it is the same work for every edit of
-the same checkpoint. The questions depend only
-on the weights, the languages, how they are sampled and continued, and where (one seed draws
-other samples on another device or dtype), so those make the key of a JSON file under
-``$EDITCOMP_HOME/questions``. A cached pool gives the same edit as a freshly sampled one; a file
+the same checkpoint. The questions depend only on the weights, the languages, how they are
+sampled and continued, and where (one seed draws other samples on another device or dtype), so
+those make the key of a JSON file under ``$EDITCOMP_HOME/questions``. A cached pool gives the same edit as a freshly sampled one; a file
 that does not read back is sampled again and replaced.
 """
 
