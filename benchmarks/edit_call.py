@@ -13,7 +13,6 @@ that all three write the same weights.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -22,16 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from editcomp.checkpoint import weights_sha256
 from editcomp.models import home
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def weights_digest(out: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(out.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def main():
@@ -48,6 +41,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        pools = tmp / "home" / "questions"
         (tmp / "home").mkdir()
         (tmp / "home" / "models").symlink_to(home() / "models")
         env = dict(os.environ, EDITCOMP_HOME=str(tmp / "home"))
@@ -63,10 +57,9 @@ def main():
                 sys.exit(f"{name}: editcomp edit failed:\n{res.stderr[-2000:]}")
             result = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append({"run": name, "wall_seconds": round(wall, 1),
-                         "edit_seconds": result["seconds"], "weights": weights_digest(out),
+                         "edit_seconds": result["seconds"], "weights": weights_sha256(out),
                          "locality": result["edit"]["mean"]["locality"]["acc"],
-                         "cached_pools": len(list((tmp / "home" / "questions").glob("*.json")))
-                         if (tmp / "home" / "questions").is_dir() else 0})
+                         "cached_pools": len(list(pools.glob("*.json")))})
             print(f"{name}: {wall:.1f} s", file=sys.stderr, flush=True)
     same = len({r["weights"] for r in rows}) == 1
     print("| run | wall s | lafn_edit s | pools kept |\n|---|---:|---:|---:|")

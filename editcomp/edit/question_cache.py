@@ -6,8 +6,9 @@ preservation. For one fact that is over half the call (gemma3-270m on a 2-core C
 sampled, 42 s read back; benchmarks/edit_call.py), and it is the same work for every edit of
 the same checkpoint. The questions depend only on the weights, the languages, how they are
 sampled and continued, and where (one seed draws other samples on another device or dtype), so
-those make the key of a JSON file under ``$EDITCOMP_HOME/questions``. A cached pool gives the same edit as a freshly sampled one; a file
-that does not read back is sampled again and replaced.
+those make the key of a JSON file under ``$EDITCOMP_HOME/questions``. A cached pool gives the
+same edit as a freshly sampled one; a file that does not read back is sampled again and
+replaced.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def _write(file: Path, pool: UnrelatedPrompts) -> None:
     data = {"texts": pool.texts, "ids": pool.ids, "ends": pool.ends, "langs": pool.langs,
             "row_langs": pool.row_langs}
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like the models
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like the models
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False)
         os.replace(tmp, file)
