@@ -264,8 +264,6 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                              "ppl_after": ppl_after,
                              # batch: the one call's optimizer steps and end losses
                              "losses": rep.get("losses") if protocol == "batch" else None,
-                             # batch: the facts it left short and then edited alone (LAFN)
-                             "repair": rep.get("repair") if protocol == "batch" else None,
                              "per_case": [{**{k: v for k, v in c.items() if k != "by_lang"},
                                            **c["by_lang"][lg]} for c in cases]})
             print(f"[{time.strftime('%H:%M:%S')}] {args.model} en+{lang} {protocol} {method}: "

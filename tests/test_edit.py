@@ -1283,39 +1283,3 @@ def test_generic_text_is_read_only_where_an_edit_uses_it():
     assert LAFNConfig().uses_generic_text(1)  # the preservation term's moments
     with pytest.raises(ConfigError, match="foreign_answers must be >= 0"):
         LAFNConfig(foreign_answers=-1).validate()
-
-
-def test_a_batch_edits_the_facts_it_left_short_alone_afterwards(tok, monkeypatch):
-    """``repair``: each fact whose training targets the batch left short is edited alone after
-    it, until it reaches them; the facts the batch got are not edited again."""
-    import editcomp.edit.lafn as lafn
-    from editcomp.edit.prompts import training_items
-    facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
-    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05, selectivity=0.0), steps=60,
-                     lr=2.0, norm_weight=0.0, batch_questions=0, answer_preserve=0.0)
-    items = training_items(facts, tok, ["en"], cfg.paraphrases)
-    real = lafn._edit_group
-    alone = []  # (case id, whether its targets are reached right after its edit alone)
-
-    def first_only(model, tokenizer, group, group_items, *args, **kw):
-        if len(group) > 1:  # the batch trains its first fact only: the second is left short
-            return real(model, tokenizer, group[:1], [it for it in group_items if it.fact == 0],
-                        *args, **kw)
-        run = real(model, tokenizer, group, group_items, *args, **kw)
-        reached = facts.index(group[0]) not in lafn.short_facts(model, tokenizer, items)
-        alone.append((group[0].case_id, reached))
-        return run
-
-    monkeypatch.setattr(lafn, "_edit_group", first_only)
-    plain = confident(tiny_model("llama"))
-    repaired = copy.deepcopy(plain)
-    lafn_edit(plain, tok, facts, cfg, ["en"], progress=False)
-    assert lafn.short_facts(plain, tok, items) == [1] and alone == []
-
-    report = lafn_edit(repaired, tok, facts, replace(cfg, repair=True), ["en"], progress=False)
-    assert alone == [(facts[1].case_id, True)]
-    assert report["repair"]["facts"] == [facts[1].case_id]
-    # a repair may cost a fact the batch got its target (this random model's neurons fire for
-    # every prompt): the report says which, as the model now has them
-    assert report["repair"]["still_short"] == [facts[i].case_id
-                                               for i in lafn.short_facts(repaired, tok, items)]

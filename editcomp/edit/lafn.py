@@ -44,7 +44,7 @@ from editcomp.edit.questions import names_a_subject, sample_questions
 from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
                                   top_next_tokens, weights_held_as)
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,
-                                        join_prompt_target, teacher_forced_argmax)
+                                        join_prompt_target)
 
 
 class NeuronDeltas:
@@ -486,10 +486,6 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, kl_ends,
                                 config, progress and len(groups) < 2, preserve, risk_pool,
                                 answers, unrelated))
-    repairs = []  # (fact index, its run alone)
-    if config.repair_for(len(groups[0]) if groups else 0) and any(r["train"] for r in runs):
-        repairs = _repair_short(model, tokenizer, facts, items, config, unrelated, questions,
-                                preserve)
     hist = [0] * get_adapter(model).num_layers
     per_fact = []
     for g, r in zip(groups, runs):
@@ -542,43 +538,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             "steps": sum(t["steps"] for t in trains),
             "stall_stopped": sum(t["stall_stopped"] for t in trains),
         },
-        "repair": {
-            "facts": [facts[fi].case_id for fi, _ in repairs],
-            "steps": sum(r["train"]["steps"] for _, r in repairs if r["train"]),
-            "edited_columns": sum(sum(r["neurons"].values()) for _, r in repairs),
-            "still_short": ([facts[fi].case_id for fi in short_facts(model, tokenizer, items)]
-                            if repairs else []),
-        },
         "seconds": time.time() - t0,
     }
     return report
-
-
-def _repair_short(model, tokenizer, facts: list[Fact], items, config: LAFNConfig,
-                  unrelated: UnrelatedPrompts, questions: UnrelatedPrompts | None,
-                  preserve: dict | None) -> list[tuple[int, dict]]:
-    """Edit each fact a batch left short (``short_facts``) alone, as a single edit would: its
-    unrelated prompts only (their top tokens known), the answer-preservation term over the
-    batch's questions, a single edit's lr, floor and stop. -> ``[(fact index, run)]``."""
-    short = short_facts(model, tokenizer, items)
-    answers = None
-    if short and config.answer_preserve_for(1) > 0 and questions is not None and questions.ids:
-        answers = answer_moments(model, tokenizer, questions, config)
-    kl_ids, kl_ends = [list(p) for p in unrelated.ids], list(unrelated.ends)
-    runs = []
-    for fi in short:
-        alone_items = [replace(it, fact=0) for it in items if it.fact == fi]
-        runs.append((fi, _edit_group(model, tokenizer, [facts[fi]], alone_items, kl_ids, kl_ends,
-                                     config, False, preserve, None, answers, unrelated)))
-    return runs
-
-
-def short_facts(model, tokenizer, items) -> list[int]:
-    """The facts (indices) with a training pair whose target the model does not predict
-    token by token (teacher-forced argmax): the ones an edit left short."""
-    preds = teacher_forced_argmax(model, tokenizer,
-                                  [(it.prompt_ids, it.target_ids) for it in items])
-    return sorted({it.fact for it, p in zip(items, preds) if list(p) != list(it.target_ids)})
 
 
 def edited_languages(facts: list[Fact], langs=None) -> list[str]:

@@ -181,9 +181,6 @@ class LAFNConfig:
     #                               and de (session 34). The de batch of 100 at 20 lost locality
     #                               and reliability (0.873/0.783 -> 0.846/0.739; 0.93/0.91 ->
     #                               0.90/0.86; session 29), so a batch keeps 0
-    repair: bool = False          # facts edited together: each fact whose training targets the
-    #                               batch left short of the argmax (``lafn.short_facts``) is then
-    #                               edited alone, once, with a single edit's settings
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -250,10 +247,6 @@ class LAFNConfig:
         edited together (not one, not --sequential) with sampled questions take them."""
         together = n_facts > 1 and not self.sequential
         return self.foreign_answers if together and self.batch_questions > 0 else 0
-
-    def repair_for(self, n_facts: int) -> bool:
-        """Whether an edit of ``n_facts`` trained together repairs its short facts alone after."""
-        return self.repair and n_facts > 1
 
     def samples_questions(self, n_facts: int) -> bool:
         """Whether an edit of ``n_facts`` samples questions from the model (``lafn_edit``'s

@@ -193,15 +193,6 @@ def greedy_continuations(model, tokenizer, prompts: list[list[int]], n: int,
         return _Runner(model, tokenizer, batch_size, bar).greedy([(list(p), n) for p in prompts])
 
 
-def teacher_forced_argmax(model, tokenizer, items: list[tuple[list[int], list[int]]],
-                          batch_size: int = 16) -> list[list[int]]:
-    """For each ``(prompt ids, target ids)``: the model's argmax at each position that predicts a
-    target token (compare it with the target to see which tokens the model gets)."""
-    with eval_mode(model), torch.inference_mode(), tqdm(disable=True) as bar:
-        return _Runner(model, tokenizer, batch_size, bar).argmax(
-            [(list(p), list(t)) for p, t in items])
-
-
 def _reference_entry(reference: dict, case_id: str, lang: str, j: int) -> dict:
     try:
         return reference[case_id][lang][j]
