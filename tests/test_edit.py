@@ -1096,6 +1096,33 @@ def test_lr_growth_multiplies_the_lr_after_every_period(tok, fact, monkeypatch):
     assert flat.param_groups[0]["lr"] == 0.1
 
 
+def test_lr_decay_follows_a_cosine_to_zero_over_the_steps(tok, fact, monkeypatch):
+    """Each step runs at ``lr * (1 + cos(pi * done / steps)) / 2``; a growing lr decays too."""
+    import math
+    used = []
+    adam = torch.optim.Adam
+
+    class Recording(adam):
+        def step(self, *a, **k):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    out, opt = _optimize_planted(tok, fact, monkeypatch, steps=4, lr=0.1, lr_decay=True,
+                                 stop_nll=None)
+    assert out["steps"] == 4
+    assert used == pytest.approx([0.1 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    used.clear()
+    _optimize_planted(tok, fact, monkeypatch, steps=4, lr=0.1, lr_growth=(2.0, 2), lr_decay=True,
+                      stop_nll=None)
+    assert used == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2,
+                                  0.2 * (1 + math.cos(math.pi / 2)) / 2,
+                                  0.2 * (1 + math.cos(math.pi * 3 / 4)) / 2])
+    assert LAFNConfig(lr_decay=True).lr_decay_for(2) and not LAFNConfig(lr_decay=True).lr_decay_for(1)
+    assert not LAFNConfig(lr_decay=False).lr_decay_for(2)
+
+
 def test_an_edit_whose_nll_stops_falling_stops_at_the_stall_window(tok, fact, monkeypatch):
     """At lr 0 the NLL never falls: the stall rule ends the edit one window in, where the
     same edit without it runs every step."""

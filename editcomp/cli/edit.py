@@ -97,6 +97,13 @@ from editcomp.errors import EditcompError
                    "facts edited together reach their targets at different steps, and the ones "
                    "done early would keep growing their margins, which leaks into other "
                    "answers [default: 0 for a fact edited alone, 0.5 for facts edited together].")
+@click.option("--lr-decay", is_flag=True,
+              help="lafn: facts edited together decay their lr (cosine) to 0 over --steps, so "
+                   "a longer run settles instead of moving its deltas at full pace to the end. "
+                   "With --steps 120, gemma3-270m's batches of 100 gained reliability in 7 of "
+                   "8 language rows (zh 0.845 -> 0.865) and locality in 6, in 1.25x the time, "
+                   "but the fr batch's perplexity rose x1.019 -> x1.025 [default: off, a "
+                   "constant lr].")
 @click.option("--layer", default=None, type=int,
               help="ft-l: the layer whose down_proj is tuned [default: at 21/32 of the depth, "
                    "EasyEdit's llama-7b layer].")
@@ -119,7 +126,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, nll_floor, layer, norm_constraint, objective,
+             answer_preserve, question_cache, nll_floor, lr_decay, layer, norm_constraint,
+             objective,
              autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
@@ -136,11 +144,12 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
-                             or answer_preserve is not None or nll_floor is not None):
+                             or answer_preserve is not None or nll_floor is not None
+                             or lr_decay):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
                             "--foreign-answers, --risk-questions, --answer-preserve, "
-                            "--nll-floor and "
+                            "--nll-floor, --lr-decay and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     if method == "lafn" and (layer is not None or norm_constraint is not None or objective):
         raise EditcompError("--layer, --norm-constraint and --objective apply to --method ft-l only")
@@ -152,6 +161,7 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                     ("answer_preserve", answer_preserve),
                                     ("nll_floor", nll_floor)) if v is not None}
     lafn_extra["autocast"] = autocast
+    lafn_extra["lr_decay"] = lr_decay
     if method == "lafn":
         config = EditConfig(method="lafn", lafn=LAFNConfig(sequential=sequential,
                                                            locate=LocateConfig(**where), **extra,

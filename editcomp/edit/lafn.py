@@ -216,7 +216,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          stop_nll=config.stop_nll, progress=progress, desc="lafn",
                          nll_floor=config.target_floor(len(facts)),
                          lr_growth=config.lr_growth_for(len(facts)),
-                         stall=config.stall_for(len(facts)))
+                         stall=config.stall_for(len(facts)),
+                         lr_decay=config.lr_decay_for(len(facts)))
     written = deltas.write()
     return {"locate": loc_report, "neighbor_prompts": near,
             "risk_prompts": [risk_pool.texts[k] for k in risky],
@@ -508,6 +509,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "learning_rate": config.learning_rate(group_size),
         "attention": config.attention_for(group_size) or "the model's own",
         "nll_floor": config.target_floor(group_size),
+        "lr_decay": config.lr_decay_for(group_size),
         "answer_preserve": config.answer_preserve_for(group_size),
         "selectivity": config.locate.selectivity_for(group_size),
         "facts": len(facts),

@@ -181,6 +181,13 @@ class LAFNConfig:
     #                               and de (session 34). The de batch of 100 at 20 lost locality
     #                               and reliability (0.873/0.783 -> 0.846/0.739; 0.93/0.91 ->
     #                               0.90/0.86; session 29), so a batch keeps 0
+    lr_decay: bool = False        # facts edited together: the lr decays (cosine) to 0 over
+    #                               ``steps`` (runner.optimize), so a longer run settles. The
+    #                               batches of 100 at 120 decaying steps against the 80 constant
+    #                               ones (session 36): reliability up in 7 of 8 language rows (zh
+    #                               0.845 -> 0.865), locality in 6 (fr's French 0.710 -> 0.679),
+    #                               1.25x the time; but the fr batch's ppl x1.019 -> x1.025
+    #                               (x1.021 at 100 steps), over the issue's x1.02, so it is off
 
     def learning_rate(self, n_facts: int) -> float:
         """The lr for ``n_facts`` edited together: ``lr`` if set, else ``SINGLE_LR`` for one
@@ -237,6 +244,11 @@ class LAFNConfig:
         if n_facts != 1 or self.lr_growth == 1:
             return None
         return self.lr_growth, self.lr_growth_steps
+
+    def lr_decay_for(self, n_facts: int) -> bool:
+        """Whether ``optimize`` decays the lr for ``n_facts`` edited together: a batch only (a
+        fact edited alone stops at its target and grows its lr instead)."""
+        return self.lr_decay and n_facts > 1
 
     def stall_for(self, n_facts: int) -> tuple[int, float] | None:
         """``optimize``'s ``stall`` rule for ``n_facts`` edited together: a fact edited alone only."""

@@ -11,6 +11,7 @@ otherwise spend most of a step in the output projection.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -440,7 +441,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
              steps: int, lr: float, kl_weight: float = 0.0, penalty=None, after_step=None,
              stop_nll: float | None = None, progress: bool = False, desc: str = "edit",
              nll_floor: float = 0.0, lr_growth: tuple[float, int] | None = None,
-             stall: tuple[int, float] | None = None) -> dict:
+             stall: tuple[int, float] | None = None, lr_decay: bool = False) -> dict:
     """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
     batch, cycling; stops early once every target token is the argmax and the mean NLL is below
     ``stop_nll`` (checked per round; when the batches score the NLL over candidates, confirmed
@@ -455,6 +456,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     steps. Adam moves each parameter about ``lr`` a step whatever its gradient, so an edit that
     needs large deltas descends its NLL at a constant pace; growing the lr shortens such edits
     and leaves the quick ones (stopped before the first growth) as they were.
+    ``lr_decay``: the lr follows a cosine from ``lr`` down to 0 at ``steps``: Adam moves each
+    parameter about ``lr`` a step however small its gradient, so a run that goes on after most of
+    its pairs reached the floor keeps shifting the deltas at full pace; decaying lets it settle.
     ``stall``: ``(window, drop)``: stop once the best mean NLL of the last ``window`` steps is
     less than the fraction ``drop`` below the best before them (``stall_stopped`` in the
     result): an edit held short of its target by the KL and norm terms otherwise runs to
@@ -499,9 +503,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                     with torch.no_grad():
                         after_step()
                 step += 1
-                if lr_growth is not None and step % lr_growth[1] == 0:
+                if lr_growth is not None or lr_decay:
                     for group in opt.param_groups:
-                        group["lr"] *= lr_growth[0]
+                        group["lr"] = lr * _lr_factor(step, steps, lr_growth, lr_decay)
                 bar.update(1)
                 bar.set_postfix(nll=f"{float(nll.detach().mean()):.3f}")
                 if step >= steps:
@@ -535,6 +539,15 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
             "nll_end": float(nll.mean()),
             "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
             "token_acc_end": float(hits.float().mean()) if hits.numel() else None}
+
+
+def _lr_factor(step: int, steps: int, growth: tuple[float, int] | None, decay: bool) -> float:
+    """The lr's multiple after ``step`` of ``steps``: ``growth[0]`` per ``growth[1]`` steps
+    done, times the cosine decay."""
+    factor = growth[0] ** (step // growth[1]) if growth is not None else 1.0
+    if decay:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    return factor
 
 
 def _reached(results, stop_nll: float) -> bool:
