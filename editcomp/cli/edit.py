@@ -127,8 +127,7 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
              answer_preserve, question_cache, nll_floor, lr_decay, layer, norm_constraint,
-             objective,
-             autocast, report_file, force, device, dtype, as_json):
+             objective, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
