@@ -157,10 +157,10 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     questions = None
     if (question_cache and config.method == "lafn" and ck.path is not None
             and method_config.samples_questions(len(fact_list))):
-        from editcomp.edit.lafn import edited_languages
         from editcomp.edit.question_cache import cached_questions
+        from editcomp.eval.edit_metrics import languages_of
         questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
-                                     edited_languages(fact_list, langs), method_config)
+                                     languages_of(fact_list, langs or None), method_config)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
                               preserve_text=preserve_text, questions=questions)
     metrics = {"edit": report["metrics"], "losses": report["losses"],

@@ -44,7 +44,7 @@ from editcomp.edit.questions import names_a_subject, sample_questions
 from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
                                   top_next_tokens, weights_held_as)
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,
-                                        join_prompt_target)
+                                        join_prompt_target, languages_of)
 
 
 class NeuronDeltas:
@@ -437,7 +437,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     config.validate()
     t0 = time.time()
     items = training_items(facts, tokenizer, langs, config.paraphrases)
-    used_langs = edited_languages(facts, langs)
+    used_langs = languages_of(facts, langs or None)
     if unrelated is None:
         unrelated = unrelated_prompts(model, tokenizer, used_langs, config)
     kl_texts = list(unrelated.texts)
@@ -543,11 +543,6 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "seconds": time.time() - t0,
     }
     return report
-
-
-def edited_languages(facts: list[Fact], langs=None) -> list[str]:
-    """The languages an edit of ``facts`` works in: ``langs``, else every language of a fact."""
-    return list(langs or dict.fromkeys(lang for f in facts for lang in f.langs))
 
 
 def _mean(xs):

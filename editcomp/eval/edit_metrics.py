@@ -148,7 +148,8 @@ def _n_batches(n: int, bs: int) -> int:
     return (n + bs - 1) // bs
 
 
-def _langs_of(facts: list[Fact], langs) -> list[str]:
+def languages_of(facts: list[Fact], langs=None) -> list[str]:
+    """The languages to work in: ``langs``, else every language of a fact, in first-seen order."""
     if langs is not None:
         return list(langs)
     return list(dict.fromkeys(lang for f in facts for lang in f.langs))
@@ -162,7 +163,7 @@ def locality_reference(model, tokenizer, facts: list[Fact], langs=None, progress
     ``tf`` the teacher-forced argmax on the probe's answer tokens, ``gen`` the greedy continuation of
     the same length (shorter if it ended with EOS). Plain lists of ints, so it can be stored as JSON.
     """
-    langs = _langs_of(facts, langs)
+    langs = languages_of(facts, langs)
     keys, items = [], []
     for f in facts:
         for lang in langs:
@@ -216,7 +217,7 @@ def edit_metrics(model, tokenizer, facts: list[Fact], langs=None, progress: bool
     generality, locality, portability. ``n`` counts probes (reliability: cases); each probe weighs the
     same. A metric with no probes has ``acc = em = None`` and is left out of the mean.
     """
-    langs = _langs_of(facts, langs)
+    langs = languages_of(facts, langs)
     # (lang, metric, prompt ids, teacher-forced continuation, ids the argmax is compared with)
     tasks: list[tuple[str, str, list[int], list[int], list[int]]] = []
 
