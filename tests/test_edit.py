@@ -992,6 +992,35 @@ def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok,
     assert LAFNConfig(attention=None).attention_for(1) is None
 
 
+def test_a_batch_runs_more_steps_with_a_decaying_lr_and_a_fact_alone_fewer_at_a_constant_one(
+        tok, monkeypatch):
+    """Unset, ``steps`` and ``lr_decay`` resolve per mode: SINGLE_STEPS and no decay for a fact
+    edited alone (also --sequential), BATCH_STEPS and a decay for facts edited together; what
+    is set wins. The resolved values reach ``optimize`` and the report."""
+    import editcomp.edit.lafn as lafn_mod
+    from editcomp.edit.lafn_config import BATCH_STEPS, SINGLE_STEPS
+    calls = []
+    real = lafn_mod.optimize
+
+    def spy(runner, batches, params, start, steps, lr, **kw):
+        calls.append((steps, kw["lr_decay"]))
+        return real(runner, batches, params, start, 1, lr, **kw)  # one step: the call is what counts
+    monkeypatch.setattr(lafn_mod, "optimize", spy)
+    one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
+    two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    where = LocateConfig(min_layer=0.0, top_frac=0.05)
+    reports = [lafn_edit(tiny_model("llama"), tok, facts, LAFNConfig(locate=where, **kw), ["en"],
+                         progress=False)
+               for facts, kw in ((one, {}), (two, {}), (two, {"sequential": True}),
+                                 (two, {"steps": 7, "lr_decay": False}))]
+    assert calls == [(SINGLE_STEPS, False), (BATCH_STEPS, True), (SINGLE_STEPS, False),
+                     (SINGLE_STEPS, False), (7, False)]
+    assert SINGLE_STEPS < BATCH_STEPS
+    assert [(r["steps"], r["lr_decay"]) for r in reports] == [
+        (SINGLE_STEPS, False), (BATCH_STEPS, True), (SINGLE_STEPS, False), (7, False)]
+    assert LAFNConfig(steps=9).steps_for(1) == 9 and not LAFNConfig(lr_decay=True).lr_decay_for(1)
+
+
 def test_keep_questions_keeps_new_questions_without_an_edited_subject():
     from editcomp.edit.questions import keep_questions
     shots = ["Who wrote the novel Moby-Dick?"]
@@ -1120,7 +1149,7 @@ def test_lr_decay_follows_a_cosine_to_zero_over_the_steps(tok, fact, monkeypatch
                                   0.2 * (1 + math.cos(math.pi / 2)) / 2,
                                   0.2 * (1 + math.cos(math.pi * 3 / 4)) / 2])
     assert LAFNConfig(lr_decay=True).lr_decay_for(2) and not LAFNConfig(lr_decay=True).lr_decay_for(1)
-    assert not LAFNConfig(lr_decay=False).lr_decay_for(2)
+    assert not LAFNConfig(lr_decay=False).lr_decay_for(2) and LAFNConfig().lr_decay_for(2)
 
 
 def test_an_edit_whose_nll_stops_falling_stops_at_the_stall_window(tok, fact, monkeypatch):

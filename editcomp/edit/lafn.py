@@ -207,7 +207,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),
           weights_held_as(runner, start, autocast_dtype(runner.device, config.autocast))):
-        train = optimize(runner, batches, deltas.params(), start, config.steps,
+        train = optimize(runner, batches, deltas.params(), start,
+                         config.steps_for(len(facts)),
                          config.learning_rate(len(facts)),
                          kl_weight=config.kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
@@ -509,6 +510,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "learning_rate": config.learning_rate(group_size),
         "attention": config.attention_for(group_size) or "the model's own",
         "nll_floor": config.target_floor(group_size),
+        "steps": config.steps_for(group_size),
         "lr_decay": config.lr_decay_for(group_size),
         "answer_preserve": config.answer_preserve_for(group_size),
         "selectivity": config.locate.selectivity_for(group_size),
