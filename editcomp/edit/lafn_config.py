@@ -227,7 +227,7 @@ class LAFNConfig:
     def target_floor(self, n_facts: int) -> float:
         """The NLL below which a pair is not pushed further: ``nll_floor`` if set, else 0 for one
         fact and ``BATCH_NLL_FLOOR`` for more. A batch runs until its slowest facts reach their
-        targets (all 80 steps for 100 facts); without a floor the facts done early keep growing
+        targets (all its steps for 100 facts); without a floor the facts done early keep growing
         their margins meanwhile, and the larger push leaks into other questions' answers."""
         if self.nll_floor is not None:
             return self.nll_floor
