@@ -81,6 +81,15 @@ def document_prefix(tokenizer) -> list[int]:
     return []
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its eos, else 0. The
+    attention mask hides those positions; the id only has to be a valid embedding row."""
+    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
 def token_windows(tokenizer, path_or_text: str | os.PathLike, seq_len: int,
                   max_windows: int | None = None, each_as_document: bool = False
                   ) -> torch.LongTensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editcomp.data import (Fact, FactLang, Probe, calibration_windows, document_prefix, facts_sha256,
-                           load_facts, load_text, token_windows)
+                           load_facts, load_text, pad_id, token_windows)
 from editcomp.errors import DataError
 
 EXAMPLE_FACTS = Path(__file__).resolve().parents[1] / "examples" / "facts.jsonl"
@@ -243,3 +243,11 @@ def test_bmike_malformed(tmp_path):
     p.write_text(json.dumps([{"en": good}]), encoding="utf-8")
     (f,) = load_facts(p)
     assert f.langs["en"].generality == () and f.langs["en"].portability == ()  # empty strings skipped
+
+
+def test_pad_id_takes_the_pad_token_then_eos_then_zero():
+    from types import SimpleNamespace as T
+    assert pad_id(T(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_id(T(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_id(T(pad_token_id=0, eos_token_id=7)) == 0  # 0 is a pad id, not a missing one
+    assert pad_id(T()) == 0

@@ -6,13 +6,6 @@ from __future__ import annotations
 import torch
 
 
-def pad_id(tokenizer) -> int:
-    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def right_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids ``[B, T]``, attention mask ``[B, T]``), right-padded (every query sees itself)."""
     width = max(len(s) for s in seqs)

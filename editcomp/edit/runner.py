@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from editcomp.arch import get_adapter
-from editcomp.edit.layout import packed, pad_id, right_pad
+from editcomp.data import pad_id
+from editcomp.edit.layout import packed, right_pad
 from editcomp.errors import ConfigError, NumericalError
 from editcomp.eval.perplexity import model_device
 

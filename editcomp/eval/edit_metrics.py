@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import torch
 
-from editcomp.data import Fact
+from editcomp.data import Fact, pad_id
 from editcomp.errors import DataError
 from editcomp.eval.perplexity import eval_mode, model_device
 
@@ -62,13 +62,6 @@ def target_token_ids(tokenizer, prompt: str, target: str, lang: str) -> list[int
     return encode_prompt_target(tokenizer, prompt, target, lang)[1]
 
 
-def _pad_id(tokenizer) -> int:
-    for tid in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _eos_ids(tokenizer, model) -> set[int]:
     """End-of-sequence ids from the tokenizer and the model config (an int or a list)."""
     ids = set()
@@ -84,7 +77,7 @@ class _Runner:
     """Runs a model over batches of (prompt ids, continuation) items and advances the progress bar."""
 
     def __init__(self, model, tokenizer, batch_size: int, bar):
-        self.model, self.pad, self.bs, self.bar = model, _pad_id(tokenizer), batch_size, bar
+        self.model, self.pad, self.bs, self.bar = model, pad_id(tokenizer), batch_size, bar
         self.device = model_device(model)
         self.eos = _eos_ids(tokenizer, model)
 
