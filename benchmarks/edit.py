@@ -84,12 +84,10 @@ def _coerce(cls, key: str, text: str):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if text.lower() == "none":
         return None
-    if isinstance(default, bool):
+    if isinstance(default, bool) or str(f.type).startswith("bool"):
         return text.lower() in ("1", "true", "yes")
     if isinstance(default, (int, float, str)):
         return type(default)(text)
-    if str(f.type).startswith("bool"):
-        return text.lower() in ("1", "true", "yes")
     return int(text) if str(f.type).startswith("int") else float(text)
 
 
