@@ -160,7 +160,7 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
         from editcomp.edit.question_cache import cached_questions
         from editcomp.eval.edit_metrics import languages_of
         questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
-                                     languages_of(fact_list, langs or None), method_config)
+                                     languages_of(fact_list, langs), method_config)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
                               preserve_text=preserve_text, questions=questions)
     metrics = {"edit": report["metrics"], "losses": report["losses"],

@@ -438,7 +438,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     config.validate()
     t0 = time.time()
     items = training_items(facts, tokenizer, langs, config.paraphrases)
-    used_langs = languages_of(facts, langs or None)
+    used_langs = languages_of(facts, langs)
     if unrelated is None:
         unrelated = unrelated_prompts(model, tokenizer, used_langs, config)
     kl_texts = list(unrelated.texts)

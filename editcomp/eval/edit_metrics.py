@@ -142,8 +142,9 @@ def _n_batches(n: int, bs: int) -> int:
 
 
 def languages_of(facts: list[Fact], langs=None) -> list[str]:
-    """The languages to work in: ``langs``, else every language of a fact, in first-seen order."""
-    if langs is not None:
+    """The languages to work in: ``langs``, else (None or empty) every language of a fact, in
+    first-seen order."""
+    if langs:
         return list(langs)
     return list(dict.fromkeys(lang for f in facts for lang in f.langs))
 
