@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -28,12 +29,12 @@ sys.path.insert(0, str(REPO))
 
 from editcomp import checkpoint  # noqa: E402
 from editcomp.arch import get_adapter  # noqa: E402
-from editcomp.data import load_facts, load_text, token_windows  # noqa: E402
+from editcomp.data import Question, load_facts, load_text, token_windows  # noqa: E402
 from editcomp.device import peak_memory_mb  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.answers import answer_spans  # noqa: E402
-from editcomp.edit.lafn import (preservation_moments, sampled_questions,  # noqa: E402
-                                 with_answer_activations)
+from editcomp.edit.lafn import (given_questions, preservation_moments,  # noqa: E402
+                                 sampled_questions, with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
@@ -141,13 +142,31 @@ def is_lafn(method) -> bool:
     return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
 
 
-def questions_for(config, model, tok, langs, args):
-    """The batch's sampled questions for ``config``, made once per languages and question
-    settings on the unedited model (``lafn_edit`` would sample them in each call)."""
-    key = (tuple(langs), config.batch_questions, config.kl_continuation)
+def questions_for(config, model, tok, langs, args, bank=None):
+    """LAFN's unrelated questions for ``config``: sampled from the unedited model, or with
+    ``--questions heldout`` the ``bank`` (``heldout_questions``); made once per languages and
+    question settings (``lafn_edit`` would sample them in each call)."""
+    key = (tuple(langs), config.batch_questions, config.kl_continuation, args.questions_from)
     if key not in args.questions:
-        args.questions[key] = sampled_questions(model, tok, langs, config)
+        args.questions[key] = (given_questions(model, tok, bank, langs, config)
+                               if args.questions_from == "heldout"
+                               else sampled_questions(model, tok, langs, config))
     return args.questions[key]
+
+
+def heldout_questions(evaluated, later, langs, seed: int = 0) -> list[Question]:
+    """The locality questions of the ``later`` cases (those after ``--cases``), with their gold
+    answers, shuffled (``seed``); any whose text is an ``evaluated`` case's locality probe is
+    dropped, so no probe is trained on."""
+    bank = []
+    for lang in langs:
+        probed = {p.prompt for f in evaluated for p in f.langs[lang].locality}
+        rows = dict.fromkeys((p.prompt, p.answer) for f in later for p in f.langs[lang].locality
+                             if p.prompt not in probed)
+        rows = list(rows)
+        random.Random(seed).shuffle(rows)
+        bank += [Question(lang, q, a, f"heldout {lang}") for q, a in rows]
+    return bank
 
 
 def edit(method, model, tok, facts, langs, args, unrelated=None, questions=None):
@@ -198,11 +217,13 @@ class Tally:
 
 def run_lang(model, tok, lang, args, rows, windows, ppl_before):
     path = DATA / "bmike53-zsre" / f"zsre_test_{lang}.json"
-    facts = load_facts(path, langs=["en", lang], limit=args.cases, skip_missing_langs=True)
+    facts = load_facts(path, langs=["en", lang], skip_missing_langs=True)
+    facts, later = facts[:args.cases], facts[args.cases:]
+    langs = ["en", lang]
+    bank = heldout_questions(facts, later, langs) if args.questions_from == "heldout" else None
     if args.only:  # re-run these cases only
         only = set(args.only.split(","))
         facts = [f for f in facts if str(f.case_id) in only]
-    langs = ["en", lang]
     ref = locality_reference(model, tok, facts, langs, progress=False)
     saved = snapshot(model)
     for protocol in args.protocols:
@@ -221,7 +242,8 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     unrelated = unrelated_prompts(model, tok, train_langs, config)
                     if config.samples_questions(1):  # a pool, as a user's call samples once
                         questions = with_answer_activations(
-                            model, tok, sampled_questions(model, tok, train_langs, config), config)
+                            model, tok, questions_for(config, model, tok, train_langs, args, bank),
+                            config)
                     setup = time.time() - t0
                 for f in facts:
                     t0 = time.time()
@@ -239,7 +261,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 config = lafn_config(method, args) if is_lafn(method) else None
                 if config is not None and config.batch_questions > 0:
                     t0 = time.time()  # sampled once per language: a setup cost of each row
-                    questions = questions_for(config, model, tok, langs, args)
+                    questions = questions_for(config, model, tok, langs, args, bank)
                     setup = args.sampling_seconds.setdefault(langs[-1], time.time() - t0)
                 t0 = time.time()
                 rep = edit(method, model, tok, facts, langs, args, questions=questions)
@@ -314,6 +336,12 @@ def main():
                     "of LAFNConfig (locate.FIELD: LocateConfig), e.g. lafn@stop_nll=0.5, and any "
                     "FT-L row of FTLConfig, e.g. ft-l@norm_constraint=5e-5 or ft-l@objective=target_new "
                     "(EasyEdit's FT-M)")
+    ap.add_argument("--questions", dest="questions_from", choices=["sampled", "heldout"],
+                    default="sampled",
+                    help="LAFN's unrelated questions (its KL term, answer preservation): sampled "
+                         "from the model (the CLI's default), or heldout: the locality questions "
+                         "of the file's cases after --cases, with their gold answers, shuffled, "
+                         "none equal to an evaluated probe (the CLI's --questions FILE)")
     ap.add_argument("--cross-ftl", action="store_true", help="Also run FT-L in the cross protocol.")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
     ap.add_argument("--ppl-windows", type=int, default=16,

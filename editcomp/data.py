@@ -455,6 +455,56 @@ def load_facts(path: str | os.PathLike, langs: list[str] | None = None, limit: i
     return facts[offset: None if limit is None else offset + limit]
 
 
+# ---------------------------------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class Question:
+    """An unrelated question whose answer an edit must keep (``load_questions``): in ``lang``,
+    with the ``answer`` it is teacher-forced on, or None for the model's own answer."""
+    lang: str
+    text: str
+    answer: str | None
+    source: str
+
+
+_QUESTION_FIELDS = ("lang", "question", "answer")
+
+
+def load_questions(path: str | os.PathLike) -> list[Question]:
+    """Read a questions JSONL file: one ``{"lang": "de", "question": "...", "answer": "..."}`` per
+    line (``answer`` optional). Every problem is reported in one ``DataError`` naming the file,
+    the line and the field, as ``load_facts`` does; a missing or empty file is one too."""
+    name = str(path)
+    text = load_text(path).lstrip("\ufeff")
+    probs = _Problems(name)
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            probs.add(where, None, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            probs.add(where, None, f"expected a JSON object, got {_typename(obj)}")
+            continue
+        for k in obj:
+            if k not in _QUESTION_FIELDS:
+                probs.add(where, k, f"unknown field (allowed: {', '.join(_QUESTION_FIELDS)})")
+        lang = _text(obj, "lang", "lang", where, probs, required=True)
+        question = _text(obj, "question", "question", where, probs, required=True)
+        answer = _text(obj, "answer", "answer", where, probs, required=False)
+        if "answer" in obj and isinstance(obj["answer"], str) and answer is None:
+            probs.add(where, "answer", "empty (leave the field out for the model's own answer)")
+        if lang is not None and question is not None:
+            out.append(Question(lang, question, answer, where))
+    probs.raise_if_any()  # a file of blank lines is empty (load_text): every line is a question
+    return out
+
+
 def facts_sha256(path: str | os.PathLike) -> str:
     """sha256 of the facts file's bytes, recorded in a checkpoint's lineage."""
     h = hashlib.sha256()

@@ -123,7 +123,7 @@ class EditConfig:
 def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offset: int = 0,
              report_file=None, force: bool = False, device=None, dtype=None,
              lineage_extra: dict | None = None, preserve_text=DEFAULT_CALIB,
-             question_cache: bool = True) -> dict:
+             question_cache: bool = True, questions_file=None) -> dict:
     """Edit the facts of ``facts`` into ``model``; measure reliability / generality / locality /
     portability per language against the unedited model; save with the facts' sha256.
     ``preserve_text`` (lafn): generic text whose FFN activations the edit must keep changing
@@ -132,14 +132,22 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     ``config.lafn.uses_generic_text``; None: neither. ``question_cache`` (lafn): the questions
     an edit samples from the checkpoint are kept under ``$EDITCOMP_HOME/questions`` and read
     there by the next edit of the same checkpoint (``question_cache.py``); False: sampled
-    anew and not kept."""
+    anew and not kept. ``questions_file`` (lafn): a questions JSONL (``data.load_questions``)
+    whose questions in the edited languages replace the sampled ones (``lafn.given_questions``)."""
     from editcomp import checkpoint
-    from editcomp.data import facts_sha256, load_facts, load_text
+    from editcomp.data import facts_sha256, load_facts, load_questions, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
+    from editcomp.eval.edit_metrics import languages_of
 
     if isinstance(langs, str):
         langs = [s.strip() for s in langs.split(",") if s.strip()] or None
     fact_list = load_facts(facts, langs=langs, limit=limit, offset=offset)
+    given = None
+    if questions_file is not None:  # checked before the model loads
+        if config.method != "lafn":
+            raise ConfigError("questions apply to the lafn method only")
+        given = _questions_in(load_questions(questions_file), languages_of(fact_list, langs),
+                              questions_file)
     if config.method != "lafn" or not config.lafn.uses_generic_text(len(fact_list)):
         preserve_text = None
     if preserve_text:  # missing or empty: say so before loading the model
@@ -155,10 +163,13 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     ck = checkpoint.load(model, device=device, dtype=dtype)
     check_edit_inputs(fact_list, ck.tokenizer, langs)  # every target tokenizes
     questions = None
-    if (question_cache and config.method == "lafn" and ck.path is not None
+    if given is not None:
+        from editcomp.edit.lafn import given_questions
+        questions = given_questions(ck.model, ck.tokenizer, given, languages_of(fact_list, langs),
+                                    method_config)
+    elif (question_cache and config.method == "lafn" and ck.path is not None
             and method_config.samples_questions(len(fact_list))):
         from editcomp.edit.question_cache import cached_questions
-        from editcomp.eval.edit_metrics import languages_of
         questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
                                      languages_of(fact_list, langs), method_config)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
@@ -179,6 +190,8 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
            if config.method == "lafn" else {}),
         **({"preserve_text": {"path": str(preserve_text), "sha256": facts_sha256(preserve_text)}}
            if preserve_text else {}),
+        **({"questions": {"path": str(questions_file), "sha256": facts_sha256(questions_file)}}
+           if given is not None else {}),
         **(lineage_extra or {}))
     path = _save(ck, out, entry, force)
     if report_file and config.method == "lafn":
@@ -186,6 +199,16 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
                                      + "\n")
     return {"out": str(path), "method": config.method, "facts": len(fact_list),
             "metrics": metrics, **metrics}
+
+
+def _questions_in(questions: list, langs: list[str], path) -> list:
+    """The ``questions`` in the edited ``langs``; none there is a ``DataError`` naming the file."""
+    kept = [q for q in questions if q.lang in langs]
+    if not kept:
+        have = ", ".join(dict.fromkeys(q.lang for q in questions))
+        raise DataError(f"{path}: no questions in the edited languages ({', '.join(langs)}); "
+                        f"it has {have}")
+    return kept
 
 
 # --------------------------------------------------------------------------------------- distill

@@ -251,3 +251,39 @@ def test_pad_id_takes_the_pad_token_then_eos_then_zero():
     assert pad_id(T(pad_token_id=None, eos_token_id=7)) == 7
     assert pad_id(T(pad_token_id=0, eos_token_id=7)) == 0  # 0 is a pad id, not a missing one
     assert pad_id(T()) == 0
+
+
+def test_questions_load_in_file_order_with_optional_answers(tmp_path):
+    from editcomp.data import Question, load_questions
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"lang": "de", "question": " Wer baute die Brücke? ", "answer": "Karl"}\n\n'
+                 '{"lang": "en", "question": "Where is the old bridge?"}\n', encoding="utf-8")
+    assert load_questions(p) == [Question("de", "Wer baute die Brücke?", "Karl", f"{p}:1"),
+                                 Question("en", "Where is the old bridge?", None, f"{p}:3")]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"lang": "en"}', "q.jsonl:2: field 'question': missing"),
+    ('{"question": "Who?", "lang": 3}', "q.jsonl:2: field 'lang': expected a string, got a number"),
+    ('{"lang": "en", "question": "Who?", "answer": " "}', "q.jsonl:2: field 'answer': empty"),
+    ('{"lang": "en", "question": "Who?", "answr": "x"}', "q.jsonl:2: field 'answr': unknown field"),
+    ('["en", "Who?"]', "q.jsonl:2: expected a JSON object, got a list"),
+    ('{"lang": "en", "question": "Who?"', "q.jsonl:2: invalid JSON"),
+])
+def test_a_malformed_question_names_file_line_and_field(tmp_path, line, message):
+    from editcomp.data import load_questions
+    p = tmp_path / "q.jsonl"
+    p.write_text('{"lang": "en", "question": "Who?"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_questions(p)
+    assert str(e.value).startswith(str(tmp_path)) and message in str(e.value)
+
+
+def test_a_questions_file_without_questions_is_an_error(tmp_path):
+    from editcomp.data import load_questions
+    p = tmp_path / "q.jsonl"
+    p.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="file is empty"):
+        load_questions(p)
+    with pytest.raises(DataError, match="file not found"):
+        load_questions(tmp_path / "missing.jsonl")

@@ -1339,3 +1339,30 @@ def test_generic_text_is_read_only_where_an_edit_uses_it():
     assert LAFNConfig().uses_generic_text(1)  # the preservation term's moments
     with pytest.raises(ConfigError, match="foreign_answers must be >= 0"):
         LAFNConfig(foreign_answers=-1).validate()
+
+
+def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok):
+    """A given question with an answer is its tokens, the answer's (as the joined text
+    tokenizes) and the model's continuation of both; one without is continued after itself.
+    Each language keeps its first batch_questions in file order, in the order langs gives,
+    and a language not asked for is dropped."""
+    from editcomp.data import Question
+    from editcomp.edit.lafn import given_questions
+    from editcomp.eval.edit_metrics import encode_prompt_target
+    model = tiny_model()
+    qs = [Question("de", "Wer baute die alte Brücke?", "Karl Berg", "q:1"),
+          Question("en", "Who wrote the long novel?", "Herman Melville", "q:2"),
+          Question("fr", "Qui a peint le plafond?", "Michel", "q:3"),
+          Question("en", "Where is the old bridge?", None, "q:4"),
+          Question("en", "Who painted the ceiling?", "Ada", "q:5")]
+    cfg = LAFNConfig(batch_questions=2, kl_continuation=3)
+    out = given_questions(model, tok, qs, ["en", "de"], cfg)
+    assert out.texts == ("Who wrote the long novel?", "Where is the old bridge?",
+                         "Wer baute die alte Brücke?")
+    assert out.row_langs == ("en", "en", "de") and out.langs == ("en", "de")
+    p, a = encode_prompt_target(tok, "Who wrote the long novel?", "Herman Melville", "en")
+    cont = greedy_continuations(model, tok, [p + a], 3)[0]
+    assert list(out.ids[0]) == p + a + cont and out.ends[0] == len(p) - 1
+    bare = list(tok("Where is the old bridge?")["input_ids"])
+    assert list(out.ids[1]) == bare + greedy_continuations(model, tok, [bare], 3)[0]
+    assert out.ends[1] == len(bare) - 1

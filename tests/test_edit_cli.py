@@ -161,6 +161,44 @@ def test_a_batch_takes_foreign_answers_from_the_generic_text(tiny_ckpt, tmp_path
     assert all(t.endswith((" 1887", " Gustave Eiffel")) for t in prompts["texts"][-2:])
 
 
+def test_a_questions_file_replaces_the_sampled_questions(tiny_ckpt, tmp_path, monkeypatch):
+    """--questions: the file's questions in the edited languages join the KL term in file order,
+    and none is sampled; the lineage names the file and its sha256."""
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled questions with a questions file given")
+    monkeypatch.setattr("editcomp.edit.lafn.sample_questions", no_sampling)
+    questions = _bad(tmp_path, "\n".join(json.dumps(q) for q in [
+        {"lang": "en", "question": "Who wrote the old song?", "answer": "Anna Berg"},
+        {"lang": "de", "question": "Wer baute die Brücke?", "answer": "Karl"},
+        {"lang": "en", "question": "Where is the quiet lake?"}]) + "\n", "q.jsonl")
+    out = tmp_path / "edited"
+    res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
+                  "--limit", "2", "--steps", "1", "--foreign-answers", "0",
+                  "--questions", questions, "--json")
+    assert res.exit_code == 0, res.output
+    last = checkpoint.load(out).lineage["history"][-1]
+    assert last["questions"] == {"path": str(questions), "sha256": facts_sha256(questions)}
+    prompts = last["unrelated_prompts"]
+    assert prompts["sampled_questions"] == 2
+    assert prompts["texts"][-2:] == ["Who wrote the old song?", "Where is the quiet lake?"]
+
+
+def test_a_bad_questions_file_fails_before_anything_is_written(tiny_ckpt, tmp_path):
+    """A malformed line names file, line and field; a file without a question in the edited
+    languages names the file and the languages it has; FT-L takes none."""
+    bad = _bad(tmp_path, '{"lang": "en", "question": "Who?"}\n{"lang": "en"}\n', "bad.jsonl")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "x",
+                           "--langs", "en", "--questions", bad),
+                   "bad.jsonl:2", "field 'question': missing")
+    german = _bad(tmp_path, '{"lang": "de", "question": "Wer?"}\n', "de.jsonl")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
+                           "--langs", "en", "--questions", german),
+                   "de.jsonl", "no questions in the edited languages (en)", "it has de")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
+                           "--method", "ft-l", "--questions", german), "--questions", "lafn only")
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+
+
 def _bad(tmp_path, text, name="f.jsonl"):
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")

@@ -93,6 +93,14 @@ from editcomp.errors import EditcompError
                    "sampling settings, device and dtype, so the next edit of MODEL reads them "
                    "instead of sampling again; the edit is the same either way "
                    "[default: on].")
+@click.option("--questions", "questions_file", default=None, type=click.Path(dir_okay=False),
+              help="lafn: a JSONL file of unrelated questions, one {\"lang\", \"question\", "
+                   "\"answer\"} per line (answer optional: the model's own then), used instead of "
+                   "sampled ones wherever the edit takes questions (--batch-questions per "
+                   "language, in file order). Questions like the ones the edit must not touch, "
+                   "with their true answers, guard them far better: a held-out split of your "
+                   "locality set (gemma3-270m, batch of 100 fr BMIKE-53 facts: locality en/fr "
+                   "0.88/0.68 -> 0.92/0.87).")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "
@@ -126,7 +134,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, nll_floor, lr_decay, layer, norm_constraint,
+             answer_preserve, question_cache, questions_file, nll_floor, lr_decay, layer,
+             norm_constraint,
              objective, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
@@ -144,11 +153,11 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
                              or answer_preserve is not None or nll_floor is not None
-                             or lr_decay is not None):
+                             or lr_decay is not None or questions_file):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
                             "--foreign-answers, --risk-questions, --answer-preserve, "
-                            "--nll-floor, --[no-]lr-decay and "
+                            "--questions, --nll-floor, --[no-]lr-decay and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     if method == "lafn" and (layer is not None or norm_constraint is not None or objective):
         raise EditcompError("--layer, --norm-constraint and --objective apply to --method ft-l only")
@@ -172,7 +181,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                                          **extra))
     result = edit_job(model, config, out, facts=facts, langs=langs, limit=limit, offset=offset,
                       report_file=report_file, force=force, device=device, dtype=dtype,
-                      preserve_text=preserve_text or DEFAULT_CALIB, question_cache=question_cache)
+                      preserve_text=preserve_text or DEFAULT_CALIB, question_cache=question_cache,
+                      questions_file=questions_file)
 
     def human(r):
         click.echo(f"wrote {r['out']}  ({method}, {r['facts']} facts, {r['seconds']} s)")

@@ -24,8 +24,9 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
     ``preserve_text``: LAFN's generic text, or None; the caller (``jobs.edit_job``) passes one
     only where ``LAFNConfig.uses_generic_text``: its activation moments for the preservation term
     (``preservation_moments``), its names and dates for the foreign answers (answers.py).
-    ``questions``: LAFN's sampled questions of this model, if the caller has them
-    (``question_cache``); None: sampled by the edit where it needs them."""
+    ``questions``: LAFN's unrelated questions for this model, if the caller has them (sampled:
+    ``question_cache``; or given: ``lafn.given_questions``); None: sampled by the edit where it
+    needs them."""
     lafn = isinstance(config, LAFNConfig) and preserve_text
     # first: a bad text fails before any other work
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
