@@ -69,8 +69,9 @@ class StepKind:
 
 STEP_KINDS: dict[str, StepKind] = {
     "edit": StepKind("editcomp.jobs:EditConfig", "editcomp.jobs:edit_job",
-                     inputs=("facts", "langs", "limit", "offset", "preserve_text"),
-                     file_inputs=("facts", "preserve_text")),
+                     inputs=("facts", "langs", "limit", "offset", "preserve_text",
+                             "questions_file"),
+                     file_inputs=("facts", "preserve_text", "questions_file")),
     "quantize": StepKind("editcomp.quant.pipeline:QuantizeConfig", "editcomp.jobs:quantize_job",
                          inputs=("calib",), file_inputs=("calib",),
                          job_defaults=(("eval_windows", 0),)),

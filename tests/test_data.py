@@ -287,3 +287,10 @@ def test_a_questions_file_without_questions_is_an_error(tmp_path):
         load_questions(p)
     with pytest.raises(DataError, match="file not found"):
         load_questions(tmp_path / "missing.jsonl")
+
+
+def test_the_example_questions_load_in_english_and_german():
+    from editcomp.data import load_questions
+    questions = load_questions(Path(__file__).resolve().parents[1] / "examples" / "questions.jsonl")
+    assert [q.lang for q in questions] == ["en"] * 5 + ["de"] * 5
+    assert [q.answer for q in questions if q.answer is None] == [None, None]

@@ -29,6 +29,15 @@ def test_steps_build_their_config_dataclass(tmp_path):
     assert step.inputs == {"calib": str(tmp_path / "calib.txt")}  # relative to the recipe
 
 
+def test_an_edit_steps_questions_file_is_read_relative_to_the_recipe(tmp_path):
+    r = parse_recipe(_recipe(tmp_path, steps=[
+        {"edit": {"method": "lafn", "facts": "facts.jsonl",
+                  "questions_file": "q/questions.jsonl"}}]), tmp_path / "r.yaml")
+    (step,) = r.steps
+    assert step.inputs == {"facts": str(tmp_path / "facts.jsonl"),
+                           "questions_file": str(tmp_path / "q" / "questions.jsonl")}
+
+
 def test_unknown_step_kind_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_recipe(_recipe(tmp_path, steps=[{"prune": {"ratio": 0.5}}]))
