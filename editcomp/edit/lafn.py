@@ -294,8 +294,10 @@ def given_questions(model, tokenizer, questions: list[Question], langs,
     by its answer where it has one (teacher-forced, as a locality probe's gold answer is) and the
     unedited ``model``'s greedy continuation. Questions written like the ones an edit must not
     touch guard them far better than the model's own: gemma3-270m, batch of the first 100 fr
-    BMIKE-53 cases, 128 per language of the later cases' locality questions with their answers
-    instead of 128 sampled ones: locality en/fr 0.879/0.679 -> 0.924/0.867 (session 38)."""
+    BMIKE-53 cases, the later cases' locality questions with their answers instead of 128
+    sampled ones: locality en/fr 0.879/0.679 -> 0.924/0.867 (128 per language), 0.943/0.890
+    (256); de 0.880/0.808 -> 0.925/0.888 (128), 0.945/0.886 (256); at 256 zh 0.860/0.748 ->
+    0.923/0.885, es 0.870/0.786 -> 0.939/0.917 (benchmarks/results, session 38)."""
     config = config or LAFNConfig()
     rows = [(q, lang) for lang in dict.fromkeys(langs)
             for q in [q for q in questions if q.lang == lang][:config.batch_questions]]
