@@ -314,9 +314,9 @@ def _case_id(v: Any, field: str, where: str, probs: _Problems) -> str | None:
     return str(v).strip()
 
 
-def _parse_jsonl(text: str, name: str, probs: _Problems) -> list[tuple]:
-    """-> [(case_id, {lang: FactLang}, source, languages present)] for every line that parsed."""
-    out = []
+def _jsonl_objects(text: str, name: str, probs: _Problems):
+    """-> ``(line number, "file:line", object)`` for each line that is a JSON object; blank lines
+    are skipped, and any other line is a problem in ``probs``."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -329,6 +329,13 @@ def _parse_jsonl(text: str, name: str, probs: _Problems) -> list[tuple]:
         if not isinstance(obj, dict):
             probs.add(where, None, f"expected a JSON object, got {_typename(obj)}")
             continue
+        yield lineno, where, obj
+
+
+def _parse_jsonl(text: str, name: str, probs: _Problems) -> list[tuple]:
+    """-> [(case_id, {lang: FactLang}, source, languages present)] for every line that parsed."""
+    out = []
+    for lineno, where, obj in _jsonl_objects(text, name, probs):
         for k in obj:
             if k not in ("case_id", "langs"):
                 probs.add(where, k, "unknown field (allowed: case_id, langs)")
@@ -479,18 +486,7 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
     text = load_text(path).lstrip("\ufeff")
     probs = _Problems(name)
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            probs.add(where, None, f"invalid JSON: {e.msg} (column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            probs.add(where, None, f"expected a JSON object, got {_typename(obj)}")
-            continue
+    for _, where, obj in _jsonl_objects(text, name, probs):
         for k in obj:
             if k not in _QUESTION_FIELDS:
                 probs.add(where, k, f"unknown field (allowed: {', '.join(_QUESTION_FIELDS)})")
