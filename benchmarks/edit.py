@@ -161,9 +161,8 @@ def heldout_questions(evaluated, later, langs, seed: int = 0) -> list[Question]:
     bank = []
     for lang in langs:
         probed = {p.prompt for f in evaluated for p in f.langs[lang].locality}
-        rows = dict.fromkeys((p.prompt, p.answer) for f in later for p in f.langs[lang].locality
-                             if p.prompt not in probed)
-        rows = list(rows)
+        rows = list(dict.fromkeys((p.prompt, p.answer) for f in later
+                                  for p in f.langs[lang].locality if p.prompt not in probed))
         random.Random(seed).shuffle(rows)
         bank += [Question(lang, q, a, f"heldout {lang}") for q, a in rows]
     return bank

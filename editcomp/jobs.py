@@ -142,12 +142,13 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     if isinstance(langs, str):
         langs = [s.strip() for s in langs.split(",") if s.strip()] or None
     fact_list = load_facts(facts, langs=langs, limit=limit, offset=offset)
+    used_langs = languages_of(fact_list, langs)
     given = None
     if questions_file is not None:  # checked before the model loads
         if config.method != "lafn":
             raise ConfigError("questions apply to the lafn method only")
-        given = _questions_in(load_questions(questions_file), languages_of(fact_list, langs),
-                              questions_file)
+        given = load_questions(questions_file)
+        _check_questions_cover(given, used_langs, questions_file)
     if config.method != "lafn" or not config.lafn.uses_generic_text(len(fact_list)):
         preserve_text = None
     if preserve_text:  # missing or empty: say so before loading the model
@@ -165,13 +166,12 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     questions = None
     if given is not None:
         from editcomp.edit.lafn import given_questions
-        questions = given_questions(ck.model, ck.tokenizer, given, languages_of(fact_list, langs),
-                                    method_config)
+        questions = given_questions(ck.model, ck.tokenizer, given, used_langs, method_config)
     elif (question_cache and config.method == "lafn" and ck.path is not None
             and method_config.samples_questions(len(fact_list))):
         from editcomp.edit.question_cache import cached_questions
         questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
-                                     languages_of(fact_list, langs), method_config)
+                                     used_langs, method_config)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
                               preserve_text=preserve_text, questions=questions)
     metrics = {"edit": report["metrics"], "losses": report["losses"],
@@ -201,14 +201,13 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
             "metrics": metrics, **metrics}
 
 
-def _questions_in(questions: list, langs: list[str], path) -> list:
-    """The ``questions`` in the edited ``langs``; none there is a ``DataError`` naming the file."""
-    kept = [q for q in questions if q.lang in langs]
-    if not kept:
+def _check_questions_cover(questions: list, langs: list[str], path) -> None:
+    """A questions file with none in the edited ``langs`` is a ``DataError`` naming the file and
+    the languages it has (``given_questions`` keeps only those languages' questions)."""
+    if not any(q.lang in langs for q in questions):
         have = ", ".join(dict.fromkeys(q.lang for q in questions))
         raise DataError(f"{path}: no questions in the edited languages ({', '.join(langs)}); "
                         f"it has {have}")
-    return kept
 
 
 # --------------------------------------------------------------------------------------- distill

@@ -279,12 +279,9 @@ def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None,
     extra unrelated prompts. Made once per unedited model and languages, like
     ``unrelated_prompts``; ``lafn_edit`` drops those that name an edited subject."""
     config = config or LAFNConfig()
-    rows = [(q, lang) for lang in dict.fromkeys(langs)
+    rows = [(q, lang, None) for lang in dict.fromkeys(langs)
             for q in sample_questions(model, tokenizer, lang, config.batch_questions, seed)]
-    texts = [q for q, _ in rows]
-    ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation)
-    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
-                            row_langs=tuple(lang for _, lang in rows))
+    return _question_prompts(model, tokenizer, rows, langs, config)
 
 
 def given_questions(model, tokenizer, questions: list[Question], langs,
@@ -299,13 +296,20 @@ def given_questions(model, tokenizer, questions: list[Question], langs,
     (256); de 0.880/0.808 -> 0.925/0.888 (128), 0.945/0.886 (256); at 256 zh 0.860/0.748 ->
     0.923/0.885, es 0.870/0.786 -> 0.939/0.917 (benchmarks/results, session 38)."""
     config = config or LAFNConfig()
-    rows = [(q, lang) for lang in dict.fromkeys(langs)
+    rows = [(q.text, lang, q.answer) for lang in dict.fromkeys(langs)
             for q in [q for q in questions if q.lang == lang][:config.batch_questions]]
-    texts = [q.text for q, _ in rows]
-    answers = [(lang, q.answer) if q.answer is not None else None for q, lang in rows]
-    ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation, answers)
-    return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
-                            row_langs=tuple(lang for _, lang in rows))
+    return _question_prompts(model, tokenizer, rows, langs, config)
+
+
+def _question_prompts(model, tokenizer, rows: list[tuple[str, str, str | None]], langs,
+                      config: LAFNConfig) -> UnrelatedPrompts:
+    """``(question, language, answer or None)`` rows -> ``UnrelatedPrompts``: each question, its
+    answer where it has one, then the model's continuation (``_with_continuations``)."""
+    answers = [(lang, a) if a is not None else None for _, lang, a in rows]
+    ids, ends = _with_continuations(model, tokenizer, [q for q, _, _ in rows],
+                                    config.kl_continuation, answers)
+    return UnrelatedPrompts(tuple(q for q, _, _ in rows), tuple(tuple(p) for p in ids),
+                            tuple(ends), tuple(langs), row_langs=tuple(lang for _, lang, _ in rows))
 
 
 def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str], copies: int = 1,
