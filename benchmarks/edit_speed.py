@@ -10,7 +10,7 @@ and optimizer steps are compared: the metrics are ``benchmarks/edit.py``'s job.
         --methods "lafn@pack=None,lafn" --out benchmarks/results/edit_speed_smollm2-135m_pack.json
 
 ``--methods`` takes ``benchmarks/edit.py``'s LAFN rows (``lafn@FIELD=VALUE...``); a row ending in
-``:fresh`` gets the unrelated prompts without their known top tokens and activations, so each of
+``:fresh`` gets the unrelated prompts without their known top tokens and generic stats, so each of
 its edits finds them again (as every edit did before ``UnrelatedPrompts`` carried them):
 
     python benchmarks/edit_speed.py --model gemma3-270m --lang zh --cases 20 \
@@ -52,7 +52,7 @@ def main():
     facts = load_facts(DATA / "bmike53-zsre" / f"zsre_test_{args.lang}.json", langs=langs,
                        limit=args.cases, skip_missing_langs=True)
     unrelated = [unrelated_prompts(model, tok, langs, c) for c in configs]
-    unrelated = [replace(u, top=None, activations=None) if f else u
+    unrelated = [replace(u, top=None, generic=None) if f else u
                  for u, f in zip(unrelated, fresh)]
     preserve = [moments_for(c, model, tok, args) if c.preserve_weight > 0 else None
                 for c in configs]

@@ -12,7 +12,7 @@ from editcomp.data import load_facts
 from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
 from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_prompts_for,
                                    neighbor_prompts, template_paraphrases, training_items)
-from editcomp.edit.locate import locate_neurons
+from editcomp.edit.locate import GenericStats, locate_neurons
 from editcomp.edit.prompts import TrainItem
 from editcomp.edit.layout import pack_rows, right_pad
 from editcomp.edit.runner import (ModelRunner, TrainBatch, attention_kernel, frozen,
@@ -271,10 +271,10 @@ def test_a_neuron_firing_where_every_unrelated_question_ends_is_dropped():
     generic[0, ends, 3] = 5.0
     generic[0, ends, torch.arange(8) + 10] = 1.0  # each end's runner-up neuron is its own
     cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25)
-    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), generic, generic_ends=ends)
+    stats = GenericStats.of(generic, ends, cfg["top_frac"])
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), stats)
     assert kept == [{0: [5]}] and report["form_neurons"] == 1 and report["generic_neurons"] == 0
-    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg, form_share=None), generic,
-                             generic_ends=ends)
+    kept, _ = locate_neurons(acts, items, 1, LocateConfig(**cfg, form_share=None), stats)
     assert kept == [{0: [3, 5]}]
 
 
@@ -309,11 +309,11 @@ def test_a_fact_whose_shared_neurons_are_all_banned_falls_back_to_its_best_candi
     generic[0, ends, 3] = 5.0
     generic[0, ends, torch.arange(8) + 10] = 1.0
     cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25, max_neurons=1)
-    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), generic, generic_ends=ends)
+    stats = GenericStats.of(generic, ends, cfg["top_frac"])
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), stats)
     assert kept == [{0: [7]}] and report["facts"][0]["fallback"]
     assert report["facts_without_neurons"] == 0
-    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, fallback=False), generic,
-                                  generic_ends=ends)
+    kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, fallback=False), stats)
     assert kept == [{}] and report["facts_without_neurons"] == 1
 
 
@@ -349,6 +349,7 @@ def test_selectivity_puts_a_neuron_quiet_on_unrelated_text_first():
     generic = torch.rand(1, 80, 64) * 0.1
     generic[0, :, 5], generic[0, :, 7] = 3.0, 0.01
     cfg = dict(min_layer=0.0, top_frac=3 / 64, share=1.0, generic_share=None, form_share=None)
+    generic = GenericStats.of(generic, [79], cfg["top_frac"])
     for selectivity, first in ((0.0, 5), (1.0, 7)):
         kept, report = locate_neurons(acts, items, 1, LocateConfig(
             **cfg, max_neurons=1, min_neurons=1, selectivity=selectivity), generic)
@@ -425,9 +426,9 @@ def test_known_kl_top_tokens_replace_the_full_output_layer_pass(tok, fact):
     assert not torch.equal(odd.top[:first], own.top[:first])
 
 
-def test_an_edit_with_known_top_tokens_and_activations_writes_the_same_deltas(tok, fact,
+def test_an_edit_with_known_top_tokens_and_generic_stats_writes_the_same_deltas(tok, fact,
                                                                              monkeypatch):
-    """``unrelated_prompts`` carries its top tokens and FFN activations; an edit with them
+    """``unrelated_prompts`` carries its top tokens and ``GenericStats``; an edit with them
     locates the same neurons and writes what an edit that finds them itself writes."""
     from editcomp.edit.lafn import unrelated_prompts
 
@@ -438,17 +439,17 @@ def test_an_edit_with_known_top_tokens_and_activations_writes_the_same_deltas(to
     assert unrelated.top is not None and all(t.shape == (len(p) - 1, 16)
                                              for t, p in zip(unrelated.top, unrelated.ids))
     n_layers = get_adapter(model).num_layers
-    assert unrelated.activations.shape == (n_layers, sum(map(len, unrelated.ids)),
-                                           model.config.intermediate_size)
+    assert unrelated.generic.candidates.shape == (n_layers, model.config.intermediate_size)
+    assert unrelated.generic.positions == sum(map(len, unrelated.ids))
     locate_module = sys.modules["editcomp.edit.locate"]  # (editcomp.edit.locate: the function)
-    run_generic = locate_module.generic_activations
+    run_stats = locate_module.generic_stats
     written, located = [], []
-    for given in (unrelated, replace(unrelated, top=None, activations=None)):
+    for given in (unrelated, replace(unrelated, top=None, generic=None)):
         m = copy.deepcopy(model)
-        if given.activations is not None:  # known: the edit must not run them again
-            monkeypatch.setattr(locate_module, "generic_activations", None)
+        if given.generic is not None:  # known: the edit must not run them again
+            monkeypatch.setattr(locate_module, "generic_stats", None)
         rep = lafn_edit(m, tok, fact, cfg, LANGS, progress=False, unrelated=given)
-        monkeypatch.setattr(locate_module, "generic_activations", run_generic)
+        monkeypatch.setattr(locate_module, "generic_stats", run_stats)
         written.append([lp.down.weight.detach().clone() for lp in get_adapter(m).layers()])
         located.append(rep["locate"]["facts"])
     assert located[0] == located[1]
@@ -458,25 +459,47 @@ def test_an_edit_with_known_top_tokens_and_activations_writes_the_same_deltas(to
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_known_generic_activations_stand_for_the_first_unrelated_prompts(tok, fact):
-    """``run_and_locate(known=)`` runs only the prompts after those the known activations cover
-    (the location and its ``generic`` are the same as without them); activations that are not
-    a whole number of the first prompts are refused."""
-    from editcomp.edit.locate import generic_activations, run_and_locate
+def test_generic_stats_summed_batch_by_batch_are_those_of_the_whole_activations(tok):
+    """``generic_stats`` never holds the ``[layers, positions, I]`` activations, yet counts the
+    same candidates (at every position and at the given ends) and sums the same |activation|
+    as ``GenericStats.of`` over them; padding (prompts of unequal length) adds nothing."""
+    from editcomp.edit.locate import generic_activations, generic_stats
+
+    kl = [tok(t)["input_ids"] for t in kl_prompts_for(LANGS, per_lang=4)]
+    assert len({len(p) for p in kl}) > 1  # batches hold padding
+    runner = ModelRunner(tiny_model(), tok)
+    ends = [len(p) - 2 for p in kl]
+    got = generic_stats(runner, kl, ends, 0.05, batch_size=3)
+    acts = generic_activations(runner, kl)
+    cols = [sum(map(len, kl[:k])) + e for k, e in enumerate(ends)]
+    want = GenericStats.of(acts, cols, 0.05)
+    assert (got.prompts, got.positions) == (len(kl), acts.shape[1])
+    assert torch.equal(got.candidates, want.candidates)
+    assert torch.equal(got.end_candidates, want.end_candidates)
+    torch.testing.assert_close(got.abs_sum, want.abs_sum, rtol=1e-5, atol=1e-4)
+    k = max(1, round(0.05 * acts.shape[2]))  # each real position counts k candidates per layer
+    assert int(got.candidates.sum()) == acts.shape[0] * acts.shape[1] * k
+    assert int(got.end_candidates.sum()) == acts.shape[0] * len(kl) * k
+
+
+def test_known_generic_stats_stand_for_the_first_unrelated_prompts(tok, fact):
+    """``run_and_locate(known=)`` runs only the prompts after those the known stats cover and
+    locates as without them; stats that are not the first prompts' own are refused."""
+    from editcomp.edit.locate import generic_stats, run_and_locate
 
     model, items, kl, _ = planted(tok, fact)
     runner = ModelRunner(model, tok)
     cfg = LocateConfig(share=0.5)
     want = run_and_locate(runner, items, 1, cfg, kl)
-    first = generic_activations(runner, kl[:1])
-    got = run_and_locate(runner, items, 1, cfg, kl, known=first)
-    assert got[0] == want[0]
-    torch.testing.assert_close(got[2], want[2], rtol=0, atol=1e-5)
-    zeros = torch.zeros_like(first)  # used as given, not run again
-    assert torch.equal(run_and_locate(runner, items, 1, cfg, kl, known=zeros)[2][:, :first.shape[1]],
-                       zeros)
-    with pytest.raises(ValueError, match="known positions"):
-        run_and_locate(runner, items, 1, cfg, kl, known=first[:, :-1])
+    first = generic_stats(runner, kl[:1], None, cfg.top_frac)
+    assert run_and_locate(runner, items, 1, cfg, kl, known=first) == want
+    banned_all = replace(first, candidates=torch.full_like(first.candidates, 10**6))
+    located, report = run_and_locate(runner, items, 1, cfg, kl, known=banned_all)  # as given
+    assert report["generic_neurons"] == first.candidates.numel()
+    for bad in (replace(first, positions=first.positions - 1), replace(first, top_frac=0.5),
+                replace(first, prompts=len(kl) + 1)):
+        with pytest.raises(ValueError, match="not the first prompts"):
+            run_and_locate(runner, items, 1, cfg, kl, known=bad)
 
 
 def last_logprobs(model, tok, seqs):

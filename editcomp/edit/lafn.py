@@ -36,8 +36,8 @@ from editcomp.data import Fact, Question, token_windows
 from editcomp.device import autocast_dtype, train_autocast, train_matmuls
 from editcomp.edit.answers import draw_answers
 from editcomp.edit.lafn_config import LAFNConfig
-from editcomp.edit.locate import (activation_moments, generic_activations, mean_activations,
-                                  run_and_locate)
+from editcomp.edit.locate import (GenericStats, activation_moments, generic_activations,
+                                  generic_stats, mean_activations, run_and_locate)
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.questions import names_a_subject, sample_questions
@@ -172,11 +172,11 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term (given
     only when that applies). ``answers``: ``answer_moments`` of the sampled questions, for the
     ``config.answer_preserve`` term. ``unrelated``: the first KL prompts, whose ``top`` and
-    ``activations`` are then known."""
+    ``generic`` stats are then known."""
     runner = ModelRunner(model, tokenizer)
-    per_fact, loc_report, generic = run_and_locate(
+    per_fact, loc_report = run_and_locate(
         runner, items, len(facts), config.locate, kl_ids, kl_ends, progress,
-        unrelated.activations if unrelated is not None else None)
+        unrelated.generic if unrelated is not None else None)
     # neighbors only serve the KL term: none without one, and generated only for a training run
     near = (neighbor_prompts(facts, list(dict.fromkeys(it.lang for it in items)), config.neighbors)
             if config.kl_weight > 0 else [])
@@ -184,8 +184,10 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     if not neurons:
         return {"locate": loc_report, "neighbor_prompts": near, "risk_prompts": [], "neurons": {},
                 "train": None, "written": {}}
+    text_acts = (generic_activations(runner, kl_ids, config.locate.batch_size)
+                 if config.norm_on_text else None)
     kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
-    deltas = NeuronDeltas(model, neurons, generic if config.norm_on_text else None,
+    deltas = NeuronDeltas(model, neurons, text_acts,
                           preserve if config.preserve_weight > 0 else None, answers)
     risky = []
     if risk_pool is not None:
@@ -245,10 +247,9 @@ class UnrelatedPrompts:
     #: each prompt's unedited top ``kl_vocab`` next tokens at every position after its first
     #: (``runner.top_next_tokens``), the KL term's vocabulary there; None: each edit finds them
     top: tuple[torch.Tensor, ...] | None = None
-    #: ``[layers, positions, intermediate]``: the unedited model's signed FFN activations at every
-    #: position (``locate.generic_activations``), by which the location bans generic neurons;
-    #: None: each edit runs them
-    activations: torch.Tensor | None = None
+    #: the unedited model's ``locate.GenericStats`` over these prompts, by which the location
+    #: bans generic neurons; None: each edit runs them
+    generic: GenericStats | None = None
 
 
 def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None) -> UnrelatedPrompts:
@@ -257,19 +258,19 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None)
     ``lafn_edit`` makes them itself; a caller that edits the same unedited model many times (one
     fact at a time, restoring in between, as a benchmark's single-edit protocol does) makes them
     once and passes them in, which saves a generation per edit, the full output layer at every
-    KL position (``top``) and a forward pass of the location (``activations``): gemma3-270m,
+    KL position (``top``) and a forward pass of the location (``generic``): gemma3-270m,
     ~1.4 s of an ~11 s single edit on CPU."""
     config = config or LAFNConfig()
     texts = kl_prompts_for(langs, config.kl_prompts, config.kl_per_lang)
     answers = [kl_answer(t) if config.kl_answers else None for t in texts]
     ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation, answers)
-    runner, top, acts = ModelRunner(model, tokenizer), None, None
+    runner, top, generic = ModelRunner(model, tokenizer), None, None
     if ids:
-        acts = generic_activations(runner, ids, config.locate.batch_size)
+        generic = generic_stats(runner, ids, ends, config.locate.top_frac, config.locate.batch_size)
         if config.kl_vocab is not None and config.kl_weight > 0:
             top = tuple(top_next_tokens(runner, ids, config.kl_vocab))
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
-                            top=top, activations=acts)
+                            top=top, generic=generic)
 
 
 def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None, seed: int = 0

@@ -23,7 +23,6 @@ overlap between languages) as JSON.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -222,18 +221,83 @@ def last_token_activations(runner: ModelRunner, prompts: list[list[int]], batch_
 
 def generic_activations(runner: ModelRunner, prompts: list[list[int]], batch_size: int = 16
                         ) -> torch.Tensor:
-    """Signed activations at every position of unrelated prompts: a neuron that is a candidate at
-    many of them fires on ordinary text (often hugely, at the first token) and must not be edited;
-    LAFN's penalty keeps the edited neurons' output there (``NeuronDeltas``)."""
+    """Signed activations at every position of unrelated prompts -> ``[layers, positions, I]``:
+    what ``LAFNConfig.norm_on_text`` measures the deltas' output on. The location itself only
+    needs their sums (``generic_stats``)."""
     return activations_at(runner, prompts, [list(range(len(p))) for p in prompts], batch_size,
                           signed=True)
 
 
-def end_columns(lengths: list[int], ends: list[int]) -> list[int]:
-    """Columns of ``generic_activations`` (sequences of ``lengths``) at position ``ends[k]`` of
-    sequence k: e.g. where an unrelated question ends, before its appended continuation."""
-    offsets = itertools.accumulate(lengths, initial=0)
-    return [o + e for o, e in zip(offsets, ends)]
+@dataclass(frozen=True)
+class GenericStats:
+    """What the location takes from unrelated prompts' FFN activations, summed position by
+    position as they are run: per neuron, at how many positions it is a ``top_frac`` candidate
+    (a neuron that is one at many fires on ordinary text, often hugely at the first token, and
+    must not be edited), at how many of the prompts' ends (where their own text ends: such a
+    neuron marks the form "a question ends here"), and its summed |activation| (by which
+    ``selectivity`` ranks). Sums instead of the activations themselves: those take 147 KB a
+    position on gemma3-270m (18 layers x 2048 neurons, fp32), and a batch's unrelated prompts,
+    hundreds of questions per language with answers and continuations, hold tens of thousands."""
+    top_frac: float
+    prompts: int                 # how many prompts were summed ...
+    positions: int               # ... holding this many positions
+    candidates: torch.Tensor     # [layers, I] int64: positions where the neuron is a candidate
+    end_candidates: torch.Tensor  # [layers, I] int64: the same at the prompts' ends
+    abs_sum: torch.Tensor        # [layers, I] float64: |activation| summed over the positions
+
+    def __add__(self, other: "GenericStats") -> "GenericStats":
+        if other.top_frac != self.top_frac:
+            raise ValueError(f"cannot add stats of top_frac {self.top_frac} and {other.top_frac}")
+        return GenericStats(self.top_frac, self.prompts + other.prompts,
+                            self.positions + other.positions, self.candidates + other.candidates,
+                            self.end_candidates + other.end_candidates, self.abs_sum + other.abs_sum)
+
+    @classmethod
+    def of(cls, acts: torch.Tensor, ends: list[int], top_frac: float, prompts: int | None = None
+           ) -> "GenericStats":
+        """The stats of activations ``[layers, positions, I]`` already at hand; ``ends``: the
+        columns that are a prompt's end (one per prompt unless ``prompts`` says otherwise)."""
+        a = acts.float().abs()
+        return cls(top_frac, len(ends) if prompts is None else prompts, a.shape[1],
+                   _candidate_counts(a, top_frac), _candidate_counts(a[:, ends], top_frac),
+                   a.double().sum(1))
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``[layers, I]``: each neuron's mean |activation| over the positions."""
+        return (self.abs_sum / max(1, self.positions)).float()
+
+
+def _candidate_counts(acts: torch.Tensor, top_frac: float) -> torch.Tensor:
+    """``[..., n, I]`` |activations| -> ``[..., I]``: at how many of the n rows each neuron is among
+    the row's top ``top_frac`` (``candidates``, counted without its ``[..., n, I]`` mask)."""
+    k = max(1, int(round(top_frac * acts.shape[-1])))
+    top = acts.topk(k, dim=-1).indices
+    counts = torch.zeros(*acts.shape[:-2], acts.shape[-1], dtype=torch.int64, device=acts.device)
+    return counts.scatter_add_(-1, top.flatten(-2), torch.ones_like(top.flatten(-2)))
+
+
+def generic_stats(runner: ModelRunner, prompts: list[list[int]], ends: list[int] | None,
+                  top_frac: float, batch_size: int = 16) -> GenericStats:
+    """``GenericStats`` of unrelated ``prompts`` (``ends[k]``: where prompt k's own text ends,
+    before an appended continuation; default: its last token), summed batch by batch."""
+    ends = [len(p) - 1 for p in prompts] if ends is None else ends
+    layers = [lp.index for lp in runner.adapter.layers()]
+    n_inner = runner.adapter.layers()[0].down.in_features
+    cand = torch.zeros(len(layers), n_inner, dtype=torch.int64)
+    end_cand, abs_sum = torch.zeros_like(cand), torch.zeros(len(layers), n_inner, dtype=torch.float64)
+
+    def take(li, x, s, mask):
+        a = x.float().abs()
+        rows = torch.arange(a.shape[0], device=a.device)
+        at_end = a[rows, torch.tensor(ends[s:s + a.shape[0]], device=a.device)]
+        real = a[mask.bool()]
+        cand[li] += _candidate_counts(real, top_frac).cpu()
+        end_cand[li] += _candidate_counts(at_end, top_frac).cpu()
+        abs_sum[li] += real.double().sum(0).cpu()
+
+    _down_inputs(runner, prompts, layers, take, batch_size, "unrelated prompts", False)
+    return GenericStats(top_frac, len(prompts), sum(map(len, prompts)), cand, end_cand, abs_sum)
 
 
 def item_activations(runner: ModelRunner, items: list[TrainItem], batch_size: int = 16,
@@ -260,8 +324,12 @@ def candidates(acts: torch.Tensor, top_frac: float) -> tuple[torch.Tensor, torch
 
 def _shared(mask: torch.Tensor, share: float) -> torch.Tensor:
     """Neurons that are candidates for at least ``share`` of the prompts: ``[L, n, I]`` -> ``[L, I]``."""
-    need = max(1, math.ceil(share * mask.shape[1] - 1e-9))
-    return mask.sum(1) >= need
+    return _often(mask.sum(1), mask.shape[1], share)
+
+
+def _often(counts: torch.Tensor, n: int, share: float) -> torch.Tensor:
+    """Neurons whose candidate ``counts`` reach ``share`` of ``n``: ``[L, I]`` -> ``[L, I]``."""
+    return counts >= max(1, math.ceil(share * n - 1e-9))
 
 
 def _most_consistent(cons: torch.Tensor, strength: torch.Tensor, k: int) -> torch.Tensor:
@@ -273,11 +341,10 @@ def _most_consistent(cons: torch.Tensor, strength: torch.Tensor, k: int) -> torc
 
 
 def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, config: LocateConfig,
-                   generic: torch.Tensor | None = None, obs: list[tuple[int, int]] | None = None,
-                   generic_ends: list[int] | None = None) -> tuple[list[dict[int, list[int]]], dict]:
+                   generic: GenericStats | None = None, obs: list[tuple[int, int]] | None = None
+                   ) -> tuple[list[dict[int, list[int]]], dict]:
     """Per fact ``{layer: [neuron, ...]}`` from activations ``[L, n_obs, I]`` (``generic``: the
-    unrelated prompts' activations at all their positions; ``generic_ends``: the columns of
-    ``generic`` that are a prompt's last token) and the location report.
+    unrelated prompts' ``GenericStats``, made with ``config.top_frac``) and the location report.
 
     ``obs`` names each observation ``(item, j)``: ``j = 0`` is the last prompt token (the LAFN rule,
     across languages and paraphrases); ``j >= 1`` the position predicting target token ``j``, located
@@ -288,20 +355,22 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
     if obs is None:
         obs = [(i, 0) for i in range(len(items))]
     config.validate()
+    if generic is not None and generic.top_frac != config.top_frac:
+        raise ValueError(f"the unrelated prompts' stats count top_frac {generic.top_frac} "
+                         f"candidates, the location asks for {config.top_frac}")
     n_layers = acts.shape[0]
     first = int(math.floor(config.min_layer * n_layers))
     mask, rel = candidates(acts, config.top_frac)
     mask[:first] = False
     banned = torch.zeros(acts.shape[0], acts.shape[2], dtype=torch.bool)
-    if generic is not None and config.generic_share is not None and generic.shape[1]:
-        banned = _shared(candidates(generic.abs(), config.top_frac)[0], config.generic_share)
+    if generic is not None and config.generic_share is not None and generic.positions:
+        banned = _often(generic.candidates, generic.positions, config.generic_share)
     n_generic = int(banned.sum())
-    if generic is not None and config.form_share is not None and generic_ends:
-        banned |= _shared(candidates(generic[:, generic_ends].abs(), config.top_frac)[0],
-                          config.form_share)
+    if generic is not None and config.form_share is not None and generic.prompts:
+        banned |= _often(generic.end_candidates, generic.prompts, config.form_share)
     selectivity = config.selectivity_for(n_facts)
-    if selectivity > 0 and generic is not None and generic.shape[1]:
-        usual = generic.abs().mean(1, keepdim=True).clamp_min(1e-6)  # [L, 1, I]
+    if selectivity > 0 and generic is not None and generic.positions:
+        usual = generic.mean_abs.unsqueeze(1).clamp_min(1e-6)  # [L, 1, I]
         rel = rel.clamp_min(1e-12) ** (1 - selectivity) * (acts / usual) ** selectivity
     per_fact: list[dict[int, list[int]]] = []
     fact_rows = []
@@ -379,29 +448,26 @@ def locate_neurons(acts: torch.Tensor, items: list[TrainItem], n_facts: int, con
 
 def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, config: LocateConfig,
                    kl_prompts: list[list[int]] | None = None, kl_ends: list[int] | None = None,
-                   progress: bool = False, known: torch.Tensor | None = None):
-    """Run the training and unrelated prompts and locate -> ``(per_fact, report, generic)``
-    (``generic``: the unrelated prompts' signed activations, or None; ``kl_ends`` as in ``locate``).
-    ``known``: ``generic_activations`` of the first unrelated prompts, already made (a caller
-    that edits one unedited model many times); only the rest are run."""
+                   progress: bool = False, known: GenericStats | None = None
+                   ) -> tuple[list[dict[int, list[int]]], dict]:
+    """Run the training and unrelated prompts and locate -> ``(per_fact, report)`` (``kl_ends``
+    as in ``locate``). ``known``: ``generic_stats`` of the first ``known.prompts`` unrelated
+    prompts, already made (a caller that edits one unedited model many times); only the rest
+    are run."""
     acts, obs = item_activations(runner, items, config.batch_size, progress, config.continuation)
-    generic, ends = None, None
+    generic = None
     if kl_prompts:
-        covered = 0
-        if known is not None:  # how many prompts the known positions cover
-            sums = itertools.accumulate(len(p) for p in kl_prompts)
-            covered = next((k + 1 for k, n in enumerate(sums) if n == known.shape[1]), None)
-            if covered is None:
-                raise ValueError(f"{known.shape[1]} known positions are not the first prompts' own")
+        if known is not None and (known.prompts > len(kl_prompts) or known.positions != sum(
+                len(p) for p in kl_prompts[:known.prompts]) or known.top_frac != config.top_frac):
+            raise ValueError(f"the known stats ({known.prompts} prompts, {known.positions} "
+                             f"positions, top_frac {known.top_frac}) are not the first prompts'")
+        covered = known.prompts if known is not None else 0
+        ends = [len(p) - 1 for p in kl_prompts] if kl_ends is None else kl_ends
         rest = kl_prompts[covered:]
-        run = generic_activations(runner, rest, config.batch_size) if rest else None
-        parts = [a for a in (known, run) if a is not None]
-        generic = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        if kl_ends is None:
-            kl_ends = [len(p) - 1 for p in kl_prompts]
-        ends = end_columns([len(p) for p in kl_prompts], kl_ends)
-    per_fact, report = locate_neurons(acts, items, n_facts, config, generic, obs, ends)
-    return per_fact, report, generic
+        run = (generic_stats(runner, rest, ends[covered:], config.top_frac, config.batch_size)
+               if rest else None)
+        generic = run if known is None else known if run is None else known + run
+    return locate_neurons(acts, items, n_facts, config, generic, obs)
 
 
 def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: LocateConfig,
@@ -411,7 +477,7 @@ def locate(model, tokenizer, items: list[TrainItem], n_facts: int, config: Locat
 
     ``kl_ends``: the position where each unrelated prompt's own text ends, when a continuation is
     appended to it (as ``lafn_edit`` does); default: its last token."""
-    per_fact, report, _ = run_and_locate(ModelRunner(model, tokenizer), items, n_facts, config,
-                                         kl_prompts, kl_ends, progress)
+    per_fact, report = run_and_locate(ModelRunner(model, tokenizer), items, n_facts, config,
+                                      kl_prompts, kl_ends, progress)
     report["model"] = get_adapter(model).describe()
     return per_fact, report
