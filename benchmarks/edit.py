@@ -146,10 +146,11 @@ def questions_for(config, model, tok, langs, args, bank=None):
     """LAFN's unrelated questions for ``config``: sampled from the unedited model, or with
     ``--questions heldout`` the ``bank`` (``heldout_questions``); made once per languages and
     question settings (``lafn_edit`` would sample them in each call)."""
-    key = (tuple(langs), config.batch_questions, config.kl_continuation, args.questions_from)
+    given = args.questions_from == "heldout"
+    key = (tuple(langs), config.questions_per_lang(given), config.kl_continuation,
+           args.questions_from)
     if key not in args.questions:
-        args.questions[key] = (given_questions(model, tok, bank, langs, config)
-                               if args.questions_from == "heldout"
+        args.questions[key] = (given_questions(model, tok, bank, langs, config) if given
                                else sampled_questions(model, tok, langs, config))
     return args.questions[key]
 
@@ -258,7 +259,8 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
             else:
                 questions = None
                 config = lafn_config(method, args) if is_lafn(method) else None
-                if config is not None and config.batch_questions > 0:
+                if config is not None and config.questions_per_lang(
+                        args.questions_from == "heldout") > 0:
                     t0 = time.time()  # sampled once per language: a setup cost of each row
                     questions = questions_for(config, model, tok, langs, args, bank)
                     setup = args.sampling_seconds.setdefault(langs[-1], time.time() - t0)

@@ -149,7 +149,8 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
             raise ConfigError("questions apply to the lafn method only")
         given = load_questions(questions_file)
         _check_questions_cover(given, used_langs, questions_file)
-    if config.method != "lafn" or not config.lafn.uses_generic_text(len(fact_list)):
+    if config.method != "lafn" or not config.lafn.uses_generic_text(len(fact_list),
+                                                                     given is not None):
         preserve_text = None
     if preserve_text:  # missing or empty: say so before loading the model
         try:

@@ -1348,6 +1348,12 @@ def test_a_batch_teacher_forces_its_questions_on_foreign_answers(tok, monkeypatc
     single = lafn_edit(copy.deepcopy(model), tok, facts[:1], cfg, ["en"], progress=False,
                        questions=questions, answer_spans=["Ada Lovelace"])
     assert single["foreign_answers"] == 0
+    # the caller's questions bring their own answers: no foreign ones unless asked for
+    given = replace(questions, given=True)
+    for config, n in ((cfg, 0), (replace(cfg, foreign_answers=1), 2)):
+        rep = lafn_edit(copy.deepcopy(model), tok, facts, config, ["en"], progress=False,
+                        questions=given, answer_spans=["Ada Lovelace"])
+        assert rep["foreign_answers"] == n and rep["sampled_questions"] == 2
     with pytest.warns(UserWarning, match="no names or dates"):
         lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False,
                   questions=questions, answer_spans=[])
@@ -1360,11 +1366,30 @@ def test_generic_text_is_read_only_where_an_edit_uses_it():
     assert not replace(cfg, foreign_answers=0).uses_generic_text(2)
     assert not replace(cfg, batch_questions=0).uses_generic_text(2)
     assert LAFNConfig().uses_generic_text(1)  # the preservation term's moments
+    assert not cfg.uses_generic_text(2, given=True)  # given questions take no foreign answers
+    assert replace(cfg, foreign_answers=1).uses_generic_text(2, given=True)
     with pytest.raises(ConfigError, match="foreign_answers must be >= 0"):
         LAFNConfig(foreign_answers=-1).validate()
 
 
-def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok):
+def test_questions_per_language_and_foreign_answers_depend_on_whose_questions():
+    """Unset, a batch takes SAMPLED_QUESTIONS sampled questions per language with one foreign
+    answer each, or up to GIVEN_QUESTIONS of the caller's with none; a set value holds for
+    both, and 0 questions means none of either."""
+    from editcomp.edit.lafn_config import GIVEN_QUESTIONS, SAMPLED_QUESTIONS
+    cfg = LAFNConfig()
+    assert (cfg.questions_per_lang(), cfg.questions_per_lang(given=True)) == (
+        SAMPLED_QUESTIONS, GIVEN_QUESTIONS) and GIVEN_QUESTIONS > SAMPLED_QUESTIONS
+    assert (cfg.foreign_answers_for(2), cfg.foreign_answers_for(2, given=True)) == (1, 0)
+    assert cfg.foreign_answers_for(1) == 0 == replace(cfg, sequential=True).foreign_answers_for(2)
+    both = replace(cfg, batch_questions=64, foreign_answers=2)
+    assert both.questions_per_lang() == both.questions_per_lang(given=True) == 64
+    assert both.foreign_answers_for(2) == both.foreign_answers_for(2, given=True) == 2
+    off = replace(both, batch_questions=0)
+    assert off.foreign_answers_for(2, given=True) == 0 and not off.samples_questions(2)
+
+
+def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok, monkeypatch):
     """A given question with an answer is its tokens, the answer's (as the joined text
     tokenizes) and the model's continuation of both; one without is continued after itself.
     Each language keeps its first batch_questions in file order, in the order langs gives,
@@ -1389,3 +1414,7 @@ def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok)
     bare = list(tok("Where is the old bridge?")["input_ids"])
     assert list(out.ids[1]) == bare + greedy_continuations(model, tok, [bare], 3)[0]
     assert out.ends[1] == len(bare) - 1
+    assert out.given  # unset, the cap is GIVEN_QUESTIONS, not the sampled default
+    monkeypatch.setattr(sys.modules["editcomp.edit.lafn_config"], "GIVEN_QUESTIONS", 1)
+    unset = given_questions(model, tok, qs, ["en", "de"], LAFNConfig(kl_continuation=0))
+    assert unset.texts == ("Who wrote the long novel?", "Wer baute die alte Brücke?")

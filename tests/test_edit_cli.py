@@ -163,7 +163,9 @@ def test_a_batch_takes_foreign_answers_from_the_generic_text(tiny_ckpt, tmp_path
 
 def test_a_questions_file_replaces_the_sampled_questions(tiny_ckpt, tmp_path, monkeypatch):
     """--questions: the file's questions in the edited languages join the KL term in file order,
-    and none is sampled; the lineage names the file and its sha256."""
+    none is sampled, and, their answers being their own, none takes a foreign answer, so
+    without the preservation term the generic text is not read (a missing one is no error);
+    the lineage names the file and its sha256."""
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled questions with a questions file given")
     monkeypatch.setattr("editcomp.edit.lafn.sample_questions", no_sampling)
@@ -173,13 +175,13 @@ def test_a_questions_file_replaces_the_sampled_questions(tiny_ckpt, tmp_path, mo
         {"lang": "en", "question": "Where is the quiet lake?"}]) + "\n", "q.jsonl")
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en",
-                  "--limit", "2", "--steps", "1", "--foreign-answers", "0",
-                  "--questions", questions, "--json")
+                  "--limit", "2", "--steps", "1", "--preserve-weight", "0", "--preserve-text",
+                  tmp_path / "missing.txt", "--questions", questions, "--json")
     assert res.exit_code == 0, res.output
     last = checkpoint.load(out).lineage["history"][-1]
     assert last["questions"] == {"path": str(questions), "sha256": facts_sha256(questions)}
     prompts = last["unrelated_prompts"]
-    assert prompts["sampled_questions"] == 2
+    assert prompts["sampled_questions"] == 2 and prompts["foreign_answers"] == 0
     assert prompts["texts"][-2:] == ["Who wrote the old song?", "Where is the quiet lake?"]
 
 

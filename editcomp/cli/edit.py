@@ -69,13 +69,15 @@ from editcomp.errors import EditcompError
               help="lafn, facts edited together: unrelated questions per language that the "
                    "unedited model writes itself (sampled, seed 0) and whose answers, and "
                    "activations, the edit must keep; without them a batch leaks its targets into "
-                   "other questions' answers; also the pool --risk-questions picks from "
-                   "[default: 128; 0: off].")
+                   "other questions' answers; also the pool --risk-questions picks from; with "
+                   "--questions, the most of that file's questions taken per language "
+                   "[default: 128 sampled, or up to 512 of --questions; 0: off].")
 @click.option("--foreign-answers", default=None, type=int,
-              help="lafn, facts edited together: each sampled question also joins the KL term "
+              help="lafn, facts edited together: each question also joins the KL term "
                    "this many times teacher-forced on a name or date from the --preserve-text "
                    "text, an answer the model does not know, as the ones the batch leaks into "
-                   "[default: 1; 0: off].")
+                   "[default: 1 for sampled questions, 0 for --questions, whose answers are "
+                   "their own; 0: off].")
 @click.option("--risk-questions", default=None, type=int,
               help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
                    "questions, how many whose answers most excite the fact's located neurons "
@@ -96,13 +98,13 @@ from editcomp.errors import EditcompError
 @click.option("--questions", "questions_file", default=None, type=click.Path(dir_okay=False),
               help="lafn: a JSONL file of unrelated questions, one {\"lang\", \"question\", "
                    "\"answer\"} per line (answer optional: the model's own then), used instead of "
-                   "sampled ones wherever the edit takes questions (--batch-questions per "
-                   "language, in file order). Questions like the ones the edit must not touch, "
-                   "with their true answers, guard them far better: a held-out split of your "
-                   "locality set (gemma3-270m, batches of 100 BMIKE-53 facts, 256 such "
-                   "questions per language with --batch-questions 256 instead of 128 sampled: "
-                   "locality en 0.86-0.88 -> 0.92-0.95, de/fr/zh/es 0.68-0.81 -> 0.885-0.917, "
-                   "in 2x the time and 18-20 GB of memory). Format: docs/facts.md.")
+                   "sampled ones wherever the edit takes questions (up to 512 per language, in "
+                   "file order: --batch-questions; no foreign answers: --foreign-answers). "
+                   "Questions like the ones the edit must not touch, with their true answers, "
+                   "guard them far better: a held-out split of your locality set (gemma3-270m, "
+                   "batches of 100 BMIKE-53 facts, 512 such questions per language instead of "
+                   "128 sampled: locality en 0.86-0.88 -> 0.925-0.95, de/fr/zh/es 0.68-0.81 -> "
+                   "0.883-0.925, with a peak of 17-18 GB of memory). Format: docs/facts.md.")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "

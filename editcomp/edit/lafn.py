@@ -250,6 +250,9 @@ class UnrelatedPrompts:
     #: the unedited model's ``locate.GenericStats`` over these prompts, by which the location
     #: bans generic neurons; None: each edit runs them
     generic: GenericStats | None = None
+    #: the caller's questions (``given_questions``), not the model's own: they take
+    #: ``GIVEN_QUESTIONS`` per language and no foreign answers by default
+    given: bool = False
 
 
 def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None) -> UnrelatedPrompts:
@@ -275,31 +278,29 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None)
 
 def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None, seed: int = 0
                       ) -> UnrelatedPrompts:
-    """``config.batch_questions`` questions per language that the unedited ``model`` samples
+    """``config.questions_per_lang()`` questions per language that the unedited ``model`` samples
     (``questions.sample_questions``), each followed by its greedy continuation: a batch edit's
     extra unrelated prompts. Made once per unedited model and languages, like
     ``unrelated_prompts``; ``lafn_edit`` drops those that name an edited subject."""
     config = config or LAFNConfig()
     rows = [(q, lang, None) for lang in dict.fromkeys(langs)
-            for q in sample_questions(model, tokenizer, lang, config.batch_questions, seed)]
+            for q in sample_questions(model, tokenizer, lang, config.questions_per_lang(), seed)]
     return _question_prompts(model, tokenizer, rows, langs, config)
 
 
 def given_questions(model, tokenizer, questions: list[Question], langs,
                     config: LAFNConfig | None = None) -> UnrelatedPrompts:
     """The caller's unrelated questions (``data.load_questions``) in ``langs``, in place of
-    ``sampled_questions``: the first ``config.batch_questions`` of each language, each followed
-    by its answer where it has one (teacher-forced, as a locality probe's gold answer is) and the
-    unedited ``model``'s greedy continuation. Questions written like the ones an edit must not
-    touch guard them far better than the model's own: gemma3-270m, batch of the first 100 fr
-    BMIKE-53 cases, the later cases' locality questions with their answers instead of 128
-    sampled ones: locality en/fr 0.879/0.679 -> 0.924/0.867 (128 per language), 0.943/0.890
-    (256); de 0.880/0.808 -> 0.925/0.888 (128), 0.945/0.886 (256); at 256 zh 0.860/0.748 ->
-    0.923/0.885, es 0.870/0.786 -> 0.939/0.917 (benchmarks/results, session 38)."""
+    ``sampled_questions``: the first ``config.questions_per_lang(given=True)`` of each language
+    (by default ``GIVEN_QUESTIONS``), each followed by its answer where it has one (teacher-forced,
+    as a locality probe's gold answer is) and the unedited ``model``'s greedy continuation.
+    Questions written like the ones an edit must not touch guard them far better than the
+    model's own (``lafn_config.GIVEN_QUESTIONS``)."""
     config = config or LAFNConfig()
+    cap = config.questions_per_lang(given=True)
     rows = [(q.text, lang, q.answer) for lang in dict.fromkeys(langs)
-            for q in [q for q in questions if q.lang == lang][:config.batch_questions]]
-    return _question_prompts(model, tokenizer, rows, langs, config)
+            for q in [q for q in questions if q.lang == lang][:cap]]
+    return replace(_question_prompts(model, tokenizer, rows, langs, config), given=True)
 
 
 def _question_prompts(model, tokenizer, rows: list[tuple[str, str, str | None]], langs,
@@ -336,7 +337,7 @@ def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str
             ends.append(len(p) - 1)
             langs.append(lang)
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends),
-                            questions.langs, row_langs=tuple(langs))
+                            questions.langs, row_langs=tuple(langs), given=questions.given)
 
 
 def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts,
@@ -399,7 +400,8 @@ def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> Unrelated
     # the moments keep a dropped question's share: a few of hundreds, and they are only a penalty
     return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
                             tuple(prompts.ends[k] for k in rows), prompts.langs, answer_acts=acts,
-                            row_langs=row_langs, answer_moments=prompts.answer_moments)
+                            row_langs=row_langs, answer_moments=prompts.answer_moments,
+                            given=prompts.given)
 
 
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None
@@ -449,16 +451,17 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     their ``top`` tokens, the unedited model's, serve every fact of a sequential run).
     ``preserve``: ``preservation_moments`` of this unedited model: the deltas then also keep
     the edited columns' output on that text (weight ``config.preserve_weight``).
-    ``questions``: ``sampled_questions`` of this unedited model, for facts edited together
-    (default: sampled here when ``config.batch_questions`` is above 0); they join the unrelated
-    prompts, and their tokens' moments the preservation text. A fact edited alone takes the
+    ``questions``: ``sampled_questions`` of this unedited model, or the caller's
+    (``given_questions``), for facts edited together (default: sampled here when
+    ``config.questions_per_lang()`` is above 0); they join the unrelated prompts, and their
+    tokens' moments the preservation text. A fact edited alone takes the
     ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
     ``with_answer_activations(..., config)`` to edit many facts from one pool). With an
     answer-preservation weight (``config.answer_preserve_for``: by default only a fact edited
     alone) an edit also keeps its columns' output where those questions are answered.
     ``answer_spans``: names and dates of generic text (``answers.answer_spans``), which facts
-    edited together take as the sampled questions' foreign answers
-    (``config.foreign_answers``); None: none.
+    edited together take as the questions' foreign answers (``config.foreign_answers_for``:
+    by default sampled questions only); None: none.
     """
     config = config or LAFNConfig()
     config.validate()
@@ -473,12 +476,12 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     answers = None  # moments where the sampled questions are answered (``answer_preserve``)
     alone = len(facts) == 1 or config.sequential  # each fact trained by itself
     answer_weight = config.answer_preserve_for(1 if alone else len(facts))
-    if not alone and config.batch_questions > 0:
+    if not alone and config.questions_per_lang(questions is not None and questions.given) > 0:
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         questions = _without_subjects(questions, facts)
         n_questions = len(questions.texts)
-        copies = config.foreign_answers_for(len(facts))
+        copies = config.foreign_answers_for(len(facts), questions.given)
         if copies and answer_spans is not None:
             if not answer_spans:
                 warnings.warn("the generic text has no names or dates: no foreign answers")
@@ -496,7 +499,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
     wants_risk = config.takes_risk_questions()
-    if alone and (wants_risk or answer_weight > 0):  # an empty pool (batch_questions 0): no terms
+    if alone and (wants_risk or answer_weight > 0):  # an empty pool (0 questions): no terms
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         pool = _without_subjects(questions, facts)

@@ -40,7 +40,7 @@ def questions_key(weights_sha256: str, langs, config: LAFNConfig, device, dtype)
     """The pool's identity: everything ``sampled_questions`` draws from, hashed."""
     langs = list(dict.fromkeys(langs))
     fields = {"format": CACHE_FORMAT, "editcomp": editcomp.__version__, "torch": torch.__version__,
-              "weights_sha256": weights_sha256, "langs": langs, "per_lang": config.batch_questions,
+              "weights_sha256": weights_sha256, "langs": langs, "per_lang": config.questions_per_lang(),
               "continuation": config.kl_continuation, "question_tokens": QUESTION_TOKENS,
               "shots": {lang: few_shot_questions(lang) for lang in langs},
               "device": torch.device(device).type, "dtype": str(dtype)}

@@ -32,7 +32,8 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
                 if lafn and config.preserve_weight > 0 else None)
     spans = (answer_spans(load_text(preserve_text))
-             if lafn and config.foreign_answers_for(len(facts)) > 0 else None)
+             if lafn and config.foreign_answers_for(len(facts), questions is not None
+                                                    and questions.given) > 0 else None)
     reference = locality_reference(model, tokenizer, facts, langs, progress=progress)
     if isinstance(config, FTLConfig):
         report = ftl_edit(model, tokenizer, facts, config, langs, progress=progress)
