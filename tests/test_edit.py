@@ -1243,7 +1243,7 @@ def test_riskiest_ranks_the_pool_by_the_located_neurons_answer_activations():
 
 def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeypatch):
     """Single edits add the pool's riskiest questions (never one naming the subject) after the
-    unrelated prompts; batches and risk_questions=0 do not."""
+    unrelated prompts; batches and risk_questions=0 do not, nor, by default, a sampled pool."""
     from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
     facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     subject = facts[0].langs["en"].subject
@@ -1271,6 +1271,15 @@ def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeyp
     assert off["risk_prompts"] == [] and len(seen[-1]) == n_unrelated
     batch = lafn_edit(copy.deepcopy(model), tok, facts, cfg, ["en"], progress=False, questions=pool)
     assert batch["risk_prompts"] == []
+    # unset: GIVEN_RISK_QUESTIONS (8; the pool holds 3 without the subject's) from the caller's
+    # questions, none from sampled ones
+    unset = replace(cfg, risk_questions=None, answer_preserve=0.0)
+    assert with_answer_activations(model, tok, asked, unset).answer_acts is None
+    assert with_answer_activations(model, tok, replace(asked, given=True), unset).answer_acts is not None
+    for given, n in ((False, 0), (True, 3)):
+        rep = lafn_edit(copy.deepcopy(model), tok, facts[:1], unset, ["en"], progress=False,
+                        questions=replace(pool, given=given))
+        assert len(rep["risk_prompts"]) == n
 
 
 def test_answer_spans_are_names_and_dates_not_sentence_starts():
@@ -1375,8 +1384,9 @@ def test_generic_text_is_read_only_where_an_edit_uses_it():
 def test_questions_per_language_and_foreign_answers_depend_on_whose_questions():
     """Unset, a batch takes SAMPLED_QUESTIONS sampled questions per language with one foreign
     answer each, or up to GIVEN_QUESTIONS of the caller's with none; a set value holds for
-    both, and 0 questions means none of either."""
-    from editcomp.edit.lafn_config import GIVEN_QUESTIONS, SAMPLED_QUESTIONS
+    both, and 0 questions means none of either. A fact alone takes GIVEN_RISK_QUESTIONS risk
+    questions from the caller's, none from sampled ones."""
+    from editcomp.edit.lafn_config import GIVEN_QUESTIONS, GIVEN_RISK_QUESTIONS, SAMPLED_QUESTIONS
     cfg = LAFNConfig()
     assert (cfg.questions_per_lang(), cfg.questions_per_lang(given=True)) == (
         SAMPLED_QUESTIONS, GIVEN_QUESTIONS) and GIVEN_QUESTIONS > SAMPLED_QUESTIONS
@@ -1387,6 +1397,11 @@ def test_questions_per_language_and_foreign_answers_depend_on_whose_questions():
     assert both.foreign_answers_for(2) == both.foreign_answers_for(2, given=True) == 2
     off = replace(both, batch_questions=0)
     assert off.foreign_answers_for(2, given=True) == 0 and not off.samples_questions(2)
+    # a fact alone: the riskiest of the caller's questions join its KL term, of sampled ones none
+    assert (cfg.risk_questions_for(), cfg.risk_questions_for(given=True)) == (0, GIVEN_RISK_QUESTIONS)
+    assert cfg.takes_risk_questions(given=True) and not cfg.takes_risk_questions()
+    assert replace(cfg, risk_questions=2).risk_questions_for() == 2
+    assert not replace(cfg, kl_weight=0.0).takes_risk_questions(given=True)
 
 
 def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok, monkeypatch):

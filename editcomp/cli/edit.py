@@ -79,9 +79,11 @@ from editcomp.errors import EditcompError
                    "[default: 1 for sampled questions, 0 for --questions, whose answers are "
                    "their own; 0: off].")
 @click.option("--risk-questions", default=None, type=int,
-              help="lafn, a fact edited alone (one fact, or --sequential): of those sampled "
-                   "questions, how many whose answers most excite the fact's located neurons "
-                   "join its KL term, where its edit would otherwise leak [default: 0].")
+              help="lafn, a fact edited alone (one fact, or --sequential): of those "
+                   "questions (sampled, or --questions), how many whose answers most excite the "
+                   "fact's located neurons join its KL term, where its edit would otherwise "
+                   "leak [default: 8 with --questions, 0 with sampled questions, where they did "
+                   "not help].")
 @click.option("--answer-preserve", default=None, type=float,
               help="lafn: weight of a second preservation term, over the positions where the "
                    "sampled questions (--batch-questions) are answered: where an edit leaks "

@@ -169,7 +169,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                 unrelated: UnrelatedPrompts | None = None) -> dict:
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
     unrelated prompt's own text ends (its continuation follows). ``risk_pool``: questions with
-    ``answer_acts``, the ``config.risk_questions`` riskiest of which join the KL term (given
+    ``answer_acts``, the ``config.risk_questions_for`` riskiest of which join the KL term (given
     only when that applies). ``answers``: ``answer_moments`` of the sampled questions, for the
     ``config.answer_preserve`` term. ``unrelated``: the first KL prompts, whose ``top`` and
     ``generic`` stats are then known."""
@@ -191,7 +191,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                           preserve if config.preserve_weight > 0 else None, answers)
     risky = []
     if risk_pool is not None:
-        risky = riskiest(risk_pool, neurons, config.risk_questions,
+        risky = riskiest(risk_pool, neurons, config.risk_questions_for(risk_pool.given),
                          {layer: float(v) for layer, v in deltas.scale.items()})
         kl_ids = kl_ids + [list(risk_pool.ids[k]) for k in risky]
     start = min(neurons)
@@ -350,7 +350,7 @@ def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts,
     preservation asks for them. Each is a forward pass over the prompts (gemma3-270m, 256
     sampled questions on a 2-core CPU: ~10 s), so what is not asked for is not made."""
     acts = prompts.answer_acts
-    if config is None or config.takes_risk_questions():
+    if config is None or config.takes_risk_questions(prompts.given):
         acts = mean_activations(ModelRunner(model, tokenizer), [list(p) for p in prompts.ids],
                                 _answer_positions(prompts))
     moments = (answer_moments(model, tokenizer, prompts, config)
@@ -455,7 +455,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     (``given_questions``), for facts edited together (default: sampled here when
     ``config.questions_per_lang()`` is above 0); they join the unrelated prompts, and their
     tokens' moments the preservation text. A fact edited alone takes the
-    ``config.risk_questions`` riskiest of them instead (sampled here if needed; pass them
+    ``config.risk_questions_for`` riskiest of them instead (sampled here if needed; pass them
     ``with_answer_activations(..., config)`` to edit many facts from one pool). With an
     answer-preservation weight (``config.answer_preserve_for``: by default only a fact edited
     alone) an edit also keeps its columns' output where those questions are answered.
@@ -498,7 +498,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
-    wants_risk = config.takes_risk_questions()
+    wants_risk = config.takes_risk_questions(questions is not None and questions.given)
     if alone and (wants_risk or answer_weight > 0):  # an empty pool (0 questions): no terms
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)

@@ -29,6 +29,13 @@ GIVEN_QUESTIONS = 512  # ... the most of the caller's questions per language (--
 #                      given 512: de 0.880/0.808 -> 0.945/0.886 -> 0.943/0.883, fr 0.879/0.679
 #                      -> 0.943/0.890 -> 0.950/0.904, zh 0.860/0.748 -> 0.923/0.885 ->
 #                      0.925/0.892, es 0.870/0.786 -> 0.939/0.917 -> 0.944/0.925
+GIVEN_RISK_QUESTIONS = 8  # LAFNConfig.risk_questions of a fact edited alone, from the caller's
+#                      questions (sampled ones: 0, see risk_questions). gemma3-270m, 20 single
+#                      edits in each of de/fr/zh/es, a pool of 512 held-out BMIKE-53 locality
+#                      questions per language, 0 -> 8 (session 39): locality en/L de
+#                      0.938/0.936 -> 0.975/0.988, fr 0.935/0.906 -> 0.968/0.932, zh
+#                      0.936/0.954 -> 0.936/0.965, es 0.924/0.945 -> 0.943/0.970; generality
+#                      -0.03 to +0.01; 2.5-4.3 -> 4.6-9.2 s per edit on a 2-core CPU
 
 
 @dataclass
@@ -163,10 +170,12 @@ class LAFNConfig:
     #                               the 8 language rows 0.717 -> 0.748 (7 rows up, de -0.03),
     #                               WikiText-2 ppl x1.047/1.034/1.010/0.974 -> x1.003/0.982/
     #                               1.025/0.994, reliability the same (+-0.03), edit +14-19%
-    risk_questions: int = 0       # a fact edited alone (single, --sequential): this many
-    #                               questions of the sampled pool (``batch_questions`` per
-    #                               language) join its KL term: those whose answers most excite
-    #                               its located neurons (``riskiest``), where its edit would leak.
+    risk_questions: int | None = None  # a fact edited alone (single, --sequential): this
+    #                               many questions of the pool (``questions_per_lang``) join its
+    #                               KL term: those whose answers most excite its located neurons
+    #                               (``riskiest``), where its edit would leak. None:
+    #                               ``GIVEN_RISK_QUESTIONS`` from the caller's questions, 0 from
+    #                               sampled ones (``risk_questions_for``).
     #                               gemma3-270m, 20 single edits each of en+de / en+zh, 0 -> 8:
     #                               locality en/de 0.930/0.963 -> 0.958/0.969, en/zh 0.930/0.834
     #                               -> 0.929/0.899 (de/fr/es/zh rows: mean 0.914 -> 0.936);
@@ -176,7 +185,9 @@ class LAFNConfig:
     #                               default for that cost: a one-fact call would pay it whole.
     #                               With the session-28 location it no longer helps: the first
     #                               30 zh cases, 0 -> 8: locality 0.928/0.914 -> 0.923/0.904,
-    #                               9.95 -> 16.2 s per edit (``answer_preserve`` does better)
+    #                               9.95 -> 16.2 s per edit (``answer_preserve`` does better).
+    #                               From a pool of real questions it does help: see
+    #                               ``GIVEN_RISK_QUESTIONS``
 
     answer_preserve: float | None = None  # weight of the preservation term over the sampled
     #                               questions' answer positions (their last token and what
@@ -317,9 +328,17 @@ class LAFNConfig:
             return True
         return self.takes_risk_questions() or self.answer_preserve_for(1) > 0
 
-    def takes_risk_questions(self) -> bool:
-        """Whether a fact edited alone adds its riskiest sampled questions to its KL term."""
-        return self.risk_questions > 0 and self.kl_weight > 0
+    def risk_questions_for(self, given: bool = False) -> int:
+        """Risk questions of a fact edited alone: ``risk_questions`` if set, else
+        ``GIVEN_RISK_QUESTIONS`` from the caller's questions (``given``) and 0 from sampled."""
+        if self.risk_questions is not None:
+            return self.risk_questions
+        return GIVEN_RISK_QUESTIONS if given else 0
+
+    def takes_risk_questions(self, given: bool = False) -> bool:
+        """Whether a fact edited alone adds its riskiest questions (of the caller's: ``given``)
+        to its KL term."""
+        return self.risk_questions_for(given) > 0 and self.kl_weight > 0
 
     def uses_generic_text(self, n_facts: int, given: bool = False) -> bool:
         """Whether an edit of ``n_facts`` (with the caller's questions: ``given``) reads generic
