@@ -300,18 +300,20 @@ def given_questions(model, tokenizer, questions: list[Question], langs,
     cap = config.questions_per_lang(given=True)
     rows = [(q.text, lang, q.answer) for lang in dict.fromkeys(langs)
             for q in [q for q in questions if q.lang == lang][:cap]]
-    return replace(_question_prompts(model, tokenizer, rows, langs, config), given=True)
+    return _question_prompts(model, tokenizer, rows, langs, config, given=True)
 
 
 def _question_prompts(model, tokenizer, rows: list[tuple[str, str, str | None]], langs,
-                      config: LAFNConfig) -> UnrelatedPrompts:
+                      config: LAFNConfig, given: bool = False) -> UnrelatedPrompts:
     """``(question, language, answer or None)`` rows -> ``UnrelatedPrompts``: each question, its
-    answer where it has one, then the model's continuation (``_with_continuations``)."""
+    answer where it has one, then the model's continuation (``_with_continuations``); ``given``:
+    the caller's questions."""
     answers = [(lang, a) if a is not None else None for _, lang, a in rows]
     ids, ends = _with_continuations(model, tokenizer, [q for q, _, _ in rows],
                                     config.kl_continuation, answers)
     return UnrelatedPrompts(tuple(q for q, _, _ in rows), tuple(tuple(p) for p in ids),
-                            tuple(ends), tuple(langs), row_langs=tuple(lang for _, lang, _ in rows))
+                            tuple(ends), tuple(langs), row_langs=tuple(lang for _, lang, _ in rows),
+                            given=given)
 
 
 def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str], copies: int = 1,
@@ -397,11 +399,12 @@ def _without_subjects(prompts: UnrelatedPrompts, facts: list[Fact]) -> Unrelated
     acts = prompts.answer_acts[:, rows] if prompts.answer_acts is not None else None
     row_langs = (tuple(prompts.row_langs[k] for k in rows) if prompts.row_langs is not None
                  else None)
-    # the moments keep a dropped question's share: a few of hundreds, and they are only a penalty
-    return UnrelatedPrompts(tuple(prompts.texts[k] for k in rows), tuple(prompts.ids[k] for k in rows),
-                            tuple(prompts.ends[k] for k in rows), prompts.langs, answer_acts=acts,
-                            row_langs=row_langs, answer_moments=prompts.answer_moments,
-                            given=prompts.given)
+    # every other field carries over (the moments keep a dropped question's share: a few of
+    # hundreds, and they are only a penalty) but the per-position ones of the whole set
+    return replace(prompts, texts=tuple(prompts.texts[k] for k in rows),
+                   ids=tuple(prompts.ids[k] for k in rows),
+                   ends=tuple(prompts.ends[k] for k in rows),
+                   answer_acts=acts, row_langs=row_langs, top=None, generic=None)
 
 
 def _with_continuations(model, tokenizer, texts: list[str], n: int, answers=None

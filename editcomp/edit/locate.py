@@ -462,10 +462,9 @@ def run_and_locate(runner: ModelRunner, items: list[TrainItem], n_facts: int, co
             raise ValueError(f"the known stats ({known.prompts} prompts, {known.positions} "
                              f"positions, top_frac {known.top_frac}) are not the first prompts'")
         covered = known.prompts if known is not None else 0
-        ends = [len(p) - 1 for p in kl_prompts] if kl_ends is None else kl_ends
         rest = kl_prompts[covered:]
-        run = (generic_stats(runner, rest, ends[covered:], config.top_frac, config.batch_size)
-               if rest else None)
+        run = (generic_stats(runner, rest, None if kl_ends is None else kl_ends[covered:],
+                             config.top_frac, config.batch_size) if rest else None)
         generic = run if known is None else known if run is None else known + run
     return locate_neurons(acts, items, n_facts, config, generic, obs)
 
