@@ -1044,6 +1044,41 @@ def test_a_batch_runs_more_steps_with_a_decaying_lr_and_a_fact_alone_fewer_at_a_
     assert LAFNConfig(steps=9).steps_for(1) == 9 and not LAFNConfig(lr_decay=True).lr_decay_for(1)
 
 
+def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(tok, monkeypatch):
+    """Unset, facts edited together whose KL term holds the caller's questions take
+    GIVEN_BATCH_KL_WEIGHT over GIVEN_BATCH_STEPS; a fact alone with them, and a batch that
+    takes none of them (batch_questions 0), keep KL_WEIGHT and their usual steps; set values
+    win. The resolved values reach ``optimize`` and the report."""
+    import editcomp.edit.lafn as lafn_mod
+    from editcomp.data import Question
+    from editcomp.edit.lafn import given_questions
+    from editcomp.edit.lafn_config import (BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT, GIVEN_BATCH_STEPS,
+                                           KL_WEIGHT, SINGLE_STEPS)
+    calls = []
+    real = lafn_mod.optimize
+
+    def spy(runner, batches, params, start, steps, lr, **kw):
+        calls.append((steps, kw["kl_weight"]))
+        return real(runner, batches, params, start, 1, lr, **kw)  # one step: the call is what counts
+    monkeypatch.setattr(lafn_mod, "optimize", spy)
+    model = tiny_model("llama")
+    asked = [Question("en", "Who built the old bridge?", "Karl Berg", "q:1"),
+             Question("en", "Who painted the ceiling?", "Ada", "q:2")]
+    where = LocateConfig(min_layer=0.0, top_frac=0.05)
+    pool = given_questions(model, tok, asked, ["en"], LAFNConfig(kl_continuation=2))
+    one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
+    two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
+    runs = ((two, {}), (one, {}), (two, {"batch_questions": 0}),
+            (two, {"kl_weight": 3.0, "steps": 5}))
+    reports = [lafn_edit(model, tok, facts, LAFNConfig(locate=where, **kw), ["en"],
+                         progress=False, questions=pool) for facts, kw in runs]
+    expected = [(GIVEN_BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT), (SINGLE_STEPS, KL_WEIGHT),
+                (BATCH_STEPS, KL_WEIGHT), (5, 3.0)]
+    assert calls == expected and GIVEN_BATCH_KL_WEIGHT > KL_WEIGHT
+    assert [(r["steps"], r["kl_weight"]) for r in reports] == expected
+    assert LAFNConfig().kl_weight_for(2) == KL_WEIGHT == LAFNConfig().kl_weight_for(1, given=True)
+
+
 def test_keep_questions_keeps_new_questions_without_an_edited_subject():
     from editcomp.edit.questions import keep_questions
     shots = ["Who wrote the novel Moby-Dick?"]

@@ -28,7 +28,7 @@ from editcomp.errors import EditcompError
                    "[default: lafn 1, ft-l 2]; evaluation probes are never used.")
 @click.option("--steps", default=None, type=int,
               help="Optimizer steps at most [default: lafn 80 for a fact edited alone, 120 for "
-                   "facts edited together; ft-l 25].")
+                   "facts edited together (200 with --questions); ft-l 25].")
 @click.option("--top-frac", default=None, type=float,
               help="lafn: a neuron is a candidate for a prompt when its |activation| is in its "
                    "layer's top fraction [default: 0.02].")
@@ -105,8 +105,14 @@ from editcomp.errors import EditcompError
                    "Questions like the ones the edit must not touch, with their true answers, "
                    "guard them far better: a held-out split of your locality set (gemma3-270m, "
                    "batches of 100 BMIKE-53 facts, 512 such questions per language instead of "
-                   "128 sampled: locality en 0.86-0.88 -> 0.925-0.95, de/fr/zh/es 0.68-0.81 -> "
-                   "0.883-0.925, with a peak of 17-18 GB of memory). Format: docs/facts.md.")
+                   "128 sampled, at --kl-weight 20 over 200 steps: locality en 0.86-0.88 -> "
+                   "0.928-0.961, de/fr/zh/es 0.68-0.81 -> 0.916-0.945, with a peak of 15-18 GB "
+                   "of memory). Format: docs/facts.md.")
+@click.option("--kl-weight", default=None, type=float,
+              help="lafn: weight of the KL term that keeps the unedited model's next-token "
+                   "distribution on unrelated prompts and questions [default: 10; 20 for facts "
+                   "edited together with --questions, which then run 200 steps: their German and "
+                   "Chinese locality needs it; 0: off].")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "
@@ -140,7 +146,7 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, questions_file, nll_floor, lr_decay, layer,
+             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay, layer,
              norm_constraint, objective, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
@@ -158,11 +164,12 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                              or neighbors is not None or batch_questions is not None
                              or foreign_answers is not None or risk_questions is not None
                              or answer_preserve is not None or nll_floor is not None
+                             or kl_weight is not None
                              or lr_decay is not None or questions_file):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
                             "--foreign-answers, --risk-questions, --answer-preserve, "
-                            "--questions, --nll-floor, --[no-]lr-decay and "
+                            "--questions, --kl-weight, --nll-floor, --[no-]lr-decay and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     if method == "lafn" and (layer is not None or norm_constraint is not None or objective):
         raise EditcompError("--layer, --norm-constraint and --objective apply to --method ft-l only")
@@ -172,7 +179,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                     ("foreign_answers", foreign_answers),
                                     ("risk_questions", risk_questions),
                                     ("answer_preserve", answer_preserve),
-                                    ("nll_floor", nll_floor)) if v is not None}
+                                    ("kl_weight", kl_weight), ("nll_floor", nll_floor))
+                  if v is not None}
     lafn_extra["autocast"] = autocast
     lafn_extra["lr_decay"] = lr_decay
     if method == "lafn":

@@ -166,20 +166,22 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                 progress: bool, preserve: dict | None = None,
                 risk_pool: UnrelatedPrompts | None = None,
                 answers: dict[int, torch.Tensor] | None = None,
-                unrelated: UnrelatedPrompts | None = None) -> dict:
+                unrelated: UnrelatedPrompts | None = None, given: bool = False) -> dict:
     """Locate and edit ``facts`` together; the weights change at the end. ``kl_ends``: where each
     unrelated prompt's own text ends (its continuation follows). ``risk_pool``: questions with
     ``answer_acts``, the ``config.risk_questions_for`` riskiest of which join the KL term (given
     only when that applies). ``answers``: ``answer_moments`` of the sampled questions, for the
     ``config.answer_preserve`` term. ``unrelated``: the first KL prompts, whose ``top`` and
-    ``generic`` stats are then known."""
+    ``generic`` stats are then known. ``given``: the KL prompts include the caller's questions
+    (``given_questions``), which set the KL weight and steps of facts edited together."""
     runner = ModelRunner(model, tokenizer)
+    kl_weight = config.kl_weight_for(len(facts), given)
     per_fact, loc_report = run_and_locate(
         runner, items, len(facts), config.locate, kl_ids, kl_ends, progress,
         unrelated.generic if unrelated is not None else None)
     # neighbors only serve the KL term: none without one, and generated only for a training run
     near = (neighbor_prompts(facts, list(dict.fromkeys(it.lang for it in items)), config.neighbors)
-            if config.kl_weight > 0 else [])
+            if kl_weight > 0 else [])
     neurons = _merge(per_fact)
     if not neurons:
         return {"locate": loc_report, "neighbor_prompts": near, "risk_prompts": [], "neurons": {},
@@ -201,18 +203,18 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     kl_groups = max(config.kl_groups, -(-len(kl_ids) // config.kl_per_step))
     kl_top = list(unrelated.top or ()) if unrelated is not None else []
     kl_top += [None] * (len(kl_ids) - len(kl_top))  # the rest: found by each edit
-    batches = build_batches(runner, pairs, kl_ids if config.kl_weight > 0 else [],
+    batches = build_batches(runner, pairs, kl_ids if kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab,
-                            config.pack_for(len(facts)), kl_top if config.kl_weight > 0 else None,
+                            config.pack_for(len(facts)), kl_top if kl_weight > 0 else None,
                             config.row_cache_mb << 20)
 
     with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),
           weights_held_as(runner, start, autocast_dtype(runner.device, config.autocast))):
         train = optimize(runner, batches, deltas.params(), start,
-                         config.steps_for(len(facts)),
+                         config.steps_for(len(facts), given),
                          config.learning_rate(len(facts)),
-                         kl_weight=config.kl_weight,
+                         kl_weight=kl_weight,
                          penalty=lambda: (config.norm_weight * deltas.relative_norm()
                                           + config.preserve_weight * deltas.preservation()
                                           + answer_weight * deltas.answer_preservation()),
@@ -270,7 +272,7 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None)
     runner, top, generic = ModelRunner(model, tokenizer), None, None
     if ids:
         generic = generic_stats(runner, ids, ends, config.locate.top_frac, config.locate.batch_size)
-        if config.kl_vocab is not None and config.kl_weight > 0:
+        if config.kl_vocab is not None and config.kl_weight != 0:  # None: by size and source
             top = tuple(top_next_tokens(runner, ids, config.kl_vocab))
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
                             top=top, generic=generic)
@@ -499,6 +501,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         if config.preserve_weight > 0 and questions.ids:
             asked = preservation_moments(model, tokenizer, [list(p) for p in questions.ids], config)
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
+    given = n_questions > 0 and questions.given  # a batch's KL term holds the caller's questions
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
     wants_risk = config.takes_risk_questions(questions is not None and questions.given)
@@ -519,7 +522,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         sub_items = [replace(it, fact=remap[it.fact]) for it in sub_items]
         runs.append(_edit_group(model, tokenizer, [facts[i] for i in g], sub_items, kl_ids, kl_ends,
                                 config, progress and len(groups) < 2, preserve, risk_pool,
-                                answers, unrelated))
+                                answers, unrelated, given))
     hist = [0] * get_adapter(model).num_layers
     per_fact = []
     for g, r in zip(groups, runs):
@@ -542,7 +545,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "learning_rate": config.learning_rate(group_size),
         "attention": config.attention_for(group_size) or "the model's own",
         "nll_floor": config.target_floor(group_size),
-        "steps": config.steps_for(group_size),
+        "steps": config.steps_for(group_size, given),
+        "kl_weight": config.kl_weight_for(group_size, given),
         "lr_decay": config.lr_decay_for(group_size),
         "answer_preserve": config.answer_preserve_for(group_size),
         "selectivity": config.locate.selectivity_for(group_size),
