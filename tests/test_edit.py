@@ -1015,20 +1015,26 @@ def test_one_fact_gets_the_single_lr_and_a_batch_the_batch_lr_and_nll_floor(tok,
     assert LAFNConfig(attention=None).attention_for(1) is None
 
 
+def _record_optimize_calls(monkeypatch, keyword: str) -> list:
+    """Make lafn's ``optimize`` run one step and record each call's (steps, ``keyword``): what
+    the edit resolved is what counts, not the training."""
+    import editcomp.edit.lafn as lafn_mod
+    calls, real = [], lafn_mod.optimize
+
+    def spy(runner, batches, params, start, steps, lr, **kw):
+        calls.append((steps, kw[keyword]))
+        return real(runner, batches, params, start, 1, lr, **kw)
+    monkeypatch.setattr(lafn_mod, "optimize", spy)
+    return calls
+
+
 def test_a_batch_runs_more_steps_with_a_decaying_lr_and_a_fact_alone_fewer_at_a_constant_one(
         tok, monkeypatch):
     """Unset, ``steps`` and ``lr_decay`` resolve per mode: SINGLE_STEPS and no decay for a fact
     edited alone (also --sequential), BATCH_STEPS and a decay for facts edited together; what
     is set wins. The resolved values reach ``optimize`` and the report."""
-    import editcomp.edit.lafn as lafn_mod
     from editcomp.edit.lafn_config import BATCH_STEPS, SINGLE_STEPS
-    calls = []
-    real = lafn_mod.optimize
-
-    def spy(runner, batches, params, start, steps, lr, **kw):
-        calls.append((steps, kw["lr_decay"]))
-        return real(runner, batches, params, start, 1, lr, **kw)  # one step: the call is what counts
-    monkeypatch.setattr(lafn_mod, "optimize", spy)
+    calls = _record_optimize_calls(monkeypatch, "lr_decay")
     one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
     two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     where = LocateConfig(min_layer=0.0, top_frac=0.05)
@@ -1049,18 +1055,11 @@ def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(
     GIVEN_BATCH_KL_WEIGHT over GIVEN_BATCH_STEPS; a fact alone with them, and a batch that
     takes none of them (batch_questions 0), keep KL_WEIGHT and their usual steps; set values
     win. The resolved values reach ``optimize`` and the report."""
-    import editcomp.edit.lafn as lafn_mod
     from editcomp.data import Question
     from editcomp.edit.lafn import given_questions
     from editcomp.edit.lafn_config import (BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT, GIVEN_BATCH_STEPS,
                                            KL_WEIGHT, SINGLE_STEPS)
-    calls = []
-    real = lafn_mod.optimize
-
-    def spy(runner, batches, params, start, steps, lr, **kw):
-        calls.append((steps, kw["kl_weight"]))
-        return real(runner, batches, params, start, 1, lr, **kw)  # one step: the call is what counts
-    monkeypatch.setattr(lafn_mod, "optimize", spy)
+    calls = _record_optimize_calls(monkeypatch, "kl_weight")
     model = tiny_model("llama")
     asked = [Question("en", "Who built the old bridge?", "Karl Berg", "q:1"),
              Question("en", "Who painted the ceiling?", "Ada", "q:2")]
