@@ -31,7 +31,7 @@ GIVEN_BATCH_STEPS = 200  # ... then run this many steps. A question of a held-ou
 #                      locality de 0.943/0.883 -> 0.953/0.921, fr 0.950/0.904 -> 0.961/0.926,
 #                      es 0.944/0.925 -> 0.936/0.945; reliability de 0.944/0.914 ->
 #                      0.940/0.920, fr 0.957/0.925 -> 0.941/0.899, es 0.938/0.921 ->
-#                      0.934/0.902; ppl x0.989-1.011; 1.15-1.8x the edit time
+#                      0.934/0.902; ppl x0.989-1.011; 602-1034 s a batch on a 2-core CPU
 SAMPLED_QUESTIONS = 128  # LAFNConfig.batch_questions: questions per language the model samples
 GIVEN_QUESTIONS = 512  # ... the most of the caller's questions per language (--questions), with
 #                      no foreign answers (their own answers stand for those). Real questions
