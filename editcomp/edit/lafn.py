@@ -481,12 +481,13 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     answers = None  # moments where the sampled questions are answered (``answer_preserve``)
     alone = len(facts) == 1 or config.sequential  # each fact trained by itself
     answer_weight = config.answer_preserve_for(1 if alone else len(facts))
-    if not alone and config.questions_per_lang(questions is not None and questions.given) > 0:
+    from_caller = questions is not None and questions.given  # kept by the filters below
+    if not alone and config.questions_per_lang(from_caller) > 0:
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)
         questions = _without_subjects(questions, facts)
         n_questions = len(questions.texts)
-        copies = config.foreign_answers_for(len(facts), questions.given)
+        copies = config.foreign_answers_for(len(facts), from_caller)
         if copies and answer_spans is not None:
             if not answer_spans:
                 warnings.warn("the generic text has no names or dates: no foreign answers")
@@ -501,10 +502,10 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         if config.preserve_weight > 0 and questions.ids:
             asked = preservation_moments(model, tokenizer, [list(p) for p in questions.ids], config)
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
-    given = n_questions > 0 and questions.given  # a batch's KL term holds the caller's questions
+    given = n_questions > 0 and from_caller  # a batch's KL term holds the caller's questions
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
-    wants_risk = config.takes_risk_questions(questions is not None and questions.given)
+    wants_risk = config.takes_risk_questions(from_caller)
     if alone and (wants_risk or answer_weight > 0):  # an empty pool (0 questions): no terms
         if questions is None:
             questions = sampled_questions(model, tokenizer, used_langs, config)

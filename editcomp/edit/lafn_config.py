@@ -368,7 +368,7 @@ class LAFNConfig:
     def takes_risk_questions(self, given: bool = False) -> bool:
         """Whether a fact edited alone adds its riskiest questions (of the caller's: ``given``)
         to its KL term."""
-        return self.risk_questions_for(given) > 0 and self.kl_weight_for(1, given) > 0
+        return self.risk_questions_for(given) > 0 and self.kl_weight_for(1) > 0
 
     def uses_generic_text(self, n_facts: int, given: bool = False) -> bool:
         """Whether an edit of ``n_facts`` (with the caller's questions: ``given``) reads generic

@@ -271,8 +271,7 @@ class GenericStats:
 def _candidate_counts(acts: torch.Tensor, top_frac: float) -> torch.Tensor:
     """``[..., n, I]`` |activations| -> ``[..., I]``: at how many of the n rows each neuron is among
     the row's top ``top_frac`` (``candidates``, counted without its ``[..., n, I]`` mask)."""
-    k = max(1, int(round(top_frac * acts.shape[-1])))
-    top = acts.topk(k, dim=-1).indices
+    top = acts.topk(_top_k(top_frac, acts.shape[-1]), dim=-1).indices
     counts = torch.zeros(*acts.shape[:-2], acts.shape[-1], dtype=torch.int64, device=acts.device)
     return counts.scatter_add_(-1, top.flatten(-2), torch.ones_like(top.flatten(-2)))
 
@@ -313,10 +312,14 @@ def item_activations(runner: ModelRunner, items: list[TrainItem], batch_size: in
     return activations_at(runner, seqs, positions, batch_size, progress), obs
 
 
+def _top_k(top_frac: float, width: int) -> int:
+    """How many of a layer's ``width`` neurons its top ``top_frac`` holds (at least one)."""
+    return max(1, int(round(top_frac * width)))
+
+
 def candidates(acts: torch.Tensor, top_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (candidate mask ``[L, n, I]``, |activation| / the layer's k-th largest, same shape)."""
-    k = max(1, int(round(top_frac * acts.shape[-1])))
-    top = acts.topk(k, dim=-1)
+    top = acts.topk(_top_k(top_frac, acts.shape[-1]), dim=-1)
     mask = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, top.indices, True)
     kth = top.values[..., -1:].clamp_min(1e-12)
     return mask, acts / kth
