@@ -4,7 +4,10 @@ On a shared or throttling CPU, two benchmark rows run one after the other can di
 the same code; and the first of several edits of the same case runs slower than the rest. This
 script edits each case once per setting, rotating which setting goes first from case to case,
 and restores the model in between, so that both effects fall on every setting alike. Only time
-and optimizer steps are compared: the metrics are ``benchmarks/edit.py``'s job.
+and optimizer steps are compared: the metrics are ``benchmarks/edit.py``'s job. A setting that
+takes questions (risk questions, answer preservation) gets its pool once, as ``benchmarks/edit.py``
+does (sampled, or with ``--questions heldout`` the later cases' locality questions), so no
+edit's time includes making it.
 
     python benchmarks/edit_speed.py --model smollm2-135m --lang de --cases 6 \
         --methods "lafn@pack=None,lafn" --out benchmarks/results/edit_speed_smollm2-135m_pack.json
@@ -26,11 +29,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from edit import DATA, lafn_config, moments_for, restore, snapshot  # benchmarks/edit.py
+from edit import (DATA, heldout_questions, lafn_config, moments_for, questions_for,  # benchmarks/
+                  restore, snapshot)  # edit.py
 
 from editcomp import checkpoint
 from editcomp.data import load_facts
 from editcomp.edit import LAFNConfig, lafn_edit, unrelated_prompts
+from editcomp.edit.lafn import with_answer_activations
 
 
 def main():
@@ -40,22 +45,28 @@ def main():
     ap.add_argument("--cases", type=int, default=6, help="First N cases of the language file.")
     ap.add_argument("--methods", default="lafn@pack=None,lafn")
     ap.add_argument("--paraphrases", type=int, default=LAFNConfig().paraphrases)
+    ap.add_argument("--questions", dest="questions_from", choices=["sampled", "heldout"],
+                    default="sampled", help="The question pool: as benchmarks/edit.py's.")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
     fresh = [m.endswith(":fresh") for m in methods]
     # a bad override fails before any work
     configs = [lafn_config(m.removesuffix(":fresh"), args) for m in methods]
-    args.moments = {}
+    args.moments, args.questions = {}, {}
     model, tok = (ck := checkpoint.load(args.model)).model, ck.tokenizer
     langs = ["en", args.lang]
     facts = load_facts(DATA / "bmike53-zsre" / f"zsre_test_{args.lang}.json", langs=langs,
-                       limit=args.cases, skip_missing_langs=True)
+                       skip_missing_langs=True)
+    facts, later = facts[:args.cases], facts[args.cases:]
+    bank = heldout_questions(facts, later, langs) if args.questions_from == "heldout" else None
     unrelated = [unrelated_prompts(model, tok, langs, c) for c in configs]
     unrelated = [replace(u, top=None, generic=None) if f else u
                  for u, f in zip(unrelated, fresh)]
     preserve = [moments_for(c, model, tok, args) if c.preserve_weight > 0 else None
                 for c in configs]
+    pools = [with_answer_activations(model, tok, questions_for(c, model, tok, langs, args, bank), c)
+             if c.samples_questions(1) else None for c in configs]
     saved = snapshot(model)
     runs = {m: [] for m in methods}
     for i, fact in enumerate(facts):
@@ -63,7 +74,7 @@ def main():
             j = (i + k) % len(methods)  # case i starts with setting i mod n
             t0 = time.perf_counter()
             rep = lafn_edit(model, tok, [fact], configs[j], langs, progress=False,
-                            unrelated=unrelated[j], preserve=preserve[j])
+                            unrelated=unrelated[j], preserve=preserve[j], questions=pools[j])
             seconds = time.perf_counter() - t0
             restore(model, saved)
             runs[methods[j]].append({"case_id": fact.case_id, "seconds": round(seconds, 3),
@@ -83,7 +94,7 @@ def main():
         print(f"| {args.model} | {r['method']} | {r['cases']} | {r['seconds_per_edit']:.2f} | "
               f"x{r['seconds_per_edit'] / base:.3f} | {r['steps_per_edit']:.1f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args) | {"moments": None},
+        Path(args.out).write_text(json.dumps({"args": vars(args) | {"moments": None, "questions": None},
                                               "rows": rows}, indent=1))
 
 
