@@ -206,9 +206,7 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
     batches = build_batches(runner, pairs, kl_ids if kl_weight > 0 else [],
                             config.batch_size, config.kl_vocab, kl_groups, config.nll_vocab,
                             config.pack_for(len(facts)), kl_top if kl_weight > 0 else None,
-                            config.row_cache_mb << 20,
-                            margin=(config.kl_margin, config.kl_margin_weight)
-                            if config.kl_margin_weight > 0 else None)
+                            config.row_cache_mb << 20)
 
     with (frozen(model), deltas, attention_kernel(model, config.attention_for(len(facts))),
           train_autocast(runner.device, config.autocast),

@@ -176,17 +176,6 @@ class LAFNConfig:
     #                               (questions.py) with its greedy answers, or, given the
     #                               caller's questions (``lafn.given_questions``), up to
     #                               ``GIVEN_QUESTIONS`` of those (``questions_per_lang``)
-    kl_margin_weight: float = 0.0  # at every KL position, this weight times how far the
-    kl_margin: float = 1.0        # unedited top token's lead over the rest fell below min(its
-    #                               unedited lead, ``kl_margin`` nats) joins the KL there
-    #                               (runner.TrainBatch ``margin``; 0: off). The KL hardly sees
-    #                               two near-tied tokens trade places, which is all a locality
-    #                               probe scores. gemma3-270m, the 24 of the first 100 single fr
-    #                               edits that lose locality, 0 -> 1 -> 5 (session 41): locality
-    #                               en/fr 0.910/0.675 -> 0.958/0.765 -> 0.981/0.831, generality
-    #                               0.949/0.849 -> 0.906/0.797 -> 0.864/0.758, 6.05 -> 9.10 ->
-    #                               14.29 s per edit. Off until all 100 cases of every language
-    #                               are measured: see benchmarks/results/README.md
     kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
     #                               into rotating groups (as ``kl_groups``)
     foreign_answers: int | None = None  # facts edited together: each unrelated question joins
@@ -414,10 +403,8 @@ class LAFNConfig:
             raise ConfigError(f"attention must be a kernel name or None, got {self.attention!r}")
         if self.paraphrases < 0:
             raise ConfigError(f"paraphrases must be >= 0, got {self.paraphrases}")
-        if self.kl_margin <= 0:
-            raise ConfigError(f"kl_margin must be > 0, got {self.kl_margin}")
         for name in ("lr", "kl_weight", "norm_weight", "preserve_weight", "nll_floor",
-                     "answer_preserve", "kl_margin_weight"):
+                     "answer_preserve"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -190,17 +190,13 @@ class TrainBatch:
     position before it (the target is not fed in): EasyEdit's FT-L objective
     (``objective_optimization: prompt_last``, from ROME's FT baseline). A pair's NLL is then the
     mean over its target tokens of -log p(token | prompt), and a multi-token target cannot have
-    every token as the argmax there.
-
-    ``margin``: ``(cap, weight)``: each KL position's KL gains ``weight`` times how far the
-    unedited top token's lead fell below min(its unedited lead, ``cap``) (``_margin_loss``);
-    None: the plain KL."""
+    every token as the argmax there."""
 
     def __init__(self, runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                  kl_prompts: list[list[int]], kl_vocab: int | None = None,
                  nll_vocab: int | None = None, pack: int | None = None,
                  kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE,
-                 prompt_last: bool = False, margin: tuple[float, float] | None = None):
+                 prompt_last: bool = False):
         fed = [list(p) if prompt_last else list(p) + list(t[:-1]) for p, t in pairs]
         seqs = fed + [list(p) for p in kl_prompts]
         # pos: the position ids of a packed batch (None: padded)
@@ -235,9 +231,6 @@ class TrainBatch:
         self.nll_start: torch.Tensor | None = None  # exact NLL per pair before any update
         self.cached: torch.Tensor | None = None
         self.kl_ref: torch.Tensor | None = None  # log-probs of the unedited model at the KL positions
-        self.margin = margin  # (cap, weight): see ``_margin_loss``
-        self.kl_arg: torch.Tensor | None = None  # the unedited top token's column per KL position
-        self.kl_gap: torch.Tensor | None = None  # its lead over the runner-up there, capped
         # each KL position's given top tokens (a row of ``kl_top``) or None: found by ``prepare``
         given = kl_top if kl_top is not None else [None] * len(kl_prompts)
         if len(given) != len(kl_prompts):
@@ -273,17 +266,7 @@ class TrainBatch:
             logp = torch.log_softmax(self._kl_logits(runner, gather_positions(h, self.kl_rows,
                                                                               self.kl_cols)), -1)
             kl = (self.kl_ref.exp() * (self.kl_ref - logp)).sum(-1)
-            if self.kl_gap is not None:
-                kl = kl + self.margin[1] * self._margin_loss(logp)
         return nll, kl, hits
-
-    def _margin_loss(self, logp: torch.Tensor) -> torch.Tensor:
-        """Per KL position: how far the unedited top token's lead over every other token has
-        fallen below its unedited lead (capped at ``margin[0]`` nats). The KL hardly sees two
-        near-tied tokens trading places, which is all a locality probe scores."""
-        top = logp.gather(1, self.kl_arg)[:, 0]
-        rest = logp.scatter(1, self.kl_arg, float("-inf")).amax(-1)
-        return torch.relu(self.kl_gap - (top - rest))
 
     def _kl_logits(self, runner: ModelRunner, hidden: torch.Tensor) -> torch.Tensor:
         """Logits at the KL positions over each one's own top tokens, then the edit targets (a
@@ -340,10 +323,6 @@ class TrainBatch:
                 else:
                     logits = runner.head(hk)
                 self.kl_ref = torch.log_softmax(logits, -1).detach()
-                if self.margin is not None:
-                    two = self.kl_ref.topk(2, dim=-1)
-                    self.kl_arg = two.indices[:, :1]
-                    self.kl_gap = (two.values[:, 0] - two.values[:, 1]).clamp_max(self.margin[0])
 
     def _top_tokens(self, runner: ModelRunner, hk: torch.Tensor) -> torch.Tensor:
         """Each KL position's ``kl_vocab`` top tokens: given ones (``kl_top``), the rest from the
@@ -421,8 +400,7 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
                   kl_prompts: list[list[int]], batch_size: int, kl_vocab: int | None = None,
                   kl_groups: int = 1, nll_vocab: int | None = None, pack: int | None = None,
                   kl_top: list[torch.Tensor | None] | None = None, row_cache: int = ROW_CACHE,
-                  prompt_last: bool = False, margin: tuple[float, float] | None = None
-                  ) -> list[TrainBatch]:
+                  prompt_last: bool = False) -> list[TrainBatch]:
     """Pairs in chunks of ``batch_size`` (similar lengths together), each with a share of the KL
     prompts: they are dealt into ``kl_groups`` groups (every ``kl_groups``-th prompt, so each group
     mixes the languages) and batch ``b`` carries group ``b % kl_groups``. With fewer chunks than
@@ -440,8 +418,7 @@ def build_batches(runner: ModelRunner, pairs: list[tuple[list[int], list[int]]],
     top_sets = [tops[g::groups] for g in range(groups)]
     n = max(len(chunks), groups) if kl_prompts else len(chunks)
     return [TrainBatch(runner, [pairs[i] for i in chunks[b % len(chunks)]], kl_sets[b % groups],
-                       kl_vocab, nll_vocab, pack, top_sets[b % groups], row_cache, prompt_last,
-                       margin)
+                       kl_vocab, nll_vocab, pack, top_sets[b % groups], row_cache, prompt_last)
             for b in range(n)]
 
 
