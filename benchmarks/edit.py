@@ -155,6 +155,22 @@ def questions_for(config, model, tok, langs, args, bank=None):
     return args.questions[key]
 
 
+def single_pool(config, model, tok, langs, args, bank=None):
+    """The question pool of ``config``'s single edits (``questions_for`` with what its edits take
+    from it: ``with_answer_activations``), or None when they take none; made once per questions
+    and what is taken from them, so rows (or settings) that share them share one pass."""
+    if not config.samples_questions(1):
+        return None
+    given = args.questions_from == "heldout"
+    key = ("single", tuple(langs), config.questions_per_lang(given), config.kl_continuation,
+           args.questions_from, config.takes_risk_questions(given),
+           config.answer_preserve_for(1) > 0, config.locate.min_layer)
+    if key not in args.questions:
+        args.questions[key] = with_answer_activations(
+            model, tok, questions_for(config, model, tok, langs, args, bank), config)
+    return args.questions[key]
+
+
 def heldout_questions(evaluated, later, langs, seed: int = 0) -> list[Question]:
     """The locality questions of the ``later`` cases (those after ``--cases``), with their gold
     answers, shuffled (``seed``); any whose text is an ``evaluated`` case's locality probe is
@@ -240,10 +256,8 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                     t0 = time.time()
                     config = lafn_config(method, args)
                     unrelated = unrelated_prompts(model, tok, train_langs, config)
-                    if config.samples_questions(1):  # a pool, as a user's call samples once
-                        questions = with_answer_activations(
-                            model, tok, questions_for(config, model, tok, train_langs, args, bank),
-                            config)
+                    # a pool, as a user's call samples once
+                    questions = single_pool(config, model, tok, train_langs, args, bank)
                     setup = time.time() - t0
                 for f in facts:
                     t0 = time.time()

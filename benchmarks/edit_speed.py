@@ -29,13 +29,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from edit import (DATA, heldout_questions, lafn_config, moments_for, questions_for,  # benchmarks/
-                  restore, snapshot)  # edit.py
+from edit import (DATA, heldout_questions, lafn_config, moments_for,  # benchmarks/edit.py
+                  restore, single_pool, snapshot)
 
 from editcomp import checkpoint
 from editcomp.data import load_facts
 from editcomp.edit import LAFNConfig, lafn_edit, unrelated_prompts
-from editcomp.edit.lafn import with_answer_activations
 
 
 def main():
@@ -65,8 +64,7 @@ def main():
                  for u, f in zip(unrelated, fresh)]
     preserve = [moments_for(c, model, tok, args) if c.preserve_weight > 0 else None
                 for c in configs]
-    pools = [with_answer_activations(model, tok, questions_for(c, model, tok, langs, args, bank), c)
-             if c.samples_questions(1) else None for c in configs]
+    pools = [single_pool(c, model, tok, langs, args, bank) for c in configs]
     saved = snapshot(model)
     runs = {m: [] for m in methods}
     for i, fact in enumerate(facts):
@@ -94,8 +92,8 @@ def main():
         print(f"| {args.model} | {r['method']} | {r['cases']} | {r['seconds_per_edit']:.2f} | "
               f"x{r['seconds_per_edit'] / base:.3f} | {r['steps_per_edit']:.1f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args) | {"moments": None, "questions": None},
-                                              "rows": rows}, indent=1))
+        kept = {"moments": None, "questions": None}  # tensors: not JSON
+        Path(args.out).write_text(json.dumps({"args": vars(args) | kept, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
