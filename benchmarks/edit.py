@@ -145,7 +145,10 @@ def is_lafn(method) -> bool:
 def questions_for(config, model, tok, langs, args, bank=None):
     """LAFN's unrelated questions for ``config``: sampled from the unedited model, or with
     ``--questions heldout`` the ``bank`` (``heldout_questions``); made once per languages and
-    question settings (``lafn_edit`` would sample them in each call)."""
+    question settings (``lafn_edit`` would sample them in each call). The key leaves out the
+    pair: the cross protocol's English-only pool is made from the first pair's bank and serves
+    every pair, which is right because BMIKE-53's language files hold the same English records
+    in the same order (so the same English held-out questions)."""
     given = args.questions_from == "heldout"
     key = (tuple(langs), config.questions_per_lang(given), config.kl_continuation,
            args.questions_from)
