@@ -203,6 +203,8 @@ def case_record(fact, report, seconds, result, langs) -> dict:
     (so a table's mean can be traced to the cases behind it)."""
     return {"case_id": fact.case_id, "seconds": round(seconds, 2),
             "steps": report.get("losses", {}).get("steps"),
+            # the step whose deltas were written when the edit ended short (LAFNConfig.keep_best)
+            "best_step": report.get("losses", {}).get("best_step"),
             "neurons": report.get("neurons", {}).get("total"),
             "by_lang": {lg: {m: result[lg][m]["acc"] for m in METRICS} for lg in langs}}
 

@@ -1157,8 +1157,9 @@ def test_nll_floor_stops_pushing_the_pairs_already_below_it(tok, fact):
     assert one_step([low, high], float(gap[1]) + 1.0).abs().max() == 0
 
 
-def _optimize_planted(tok, fact, monkeypatch, **kw):
-    """``optimize`` on the planted fact's neuron -> (its result, the Adam it ran)."""
+def _optimize_planted(tok, fact, monkeypatch, wreck_after: int | None = None, **kw):
+    """``optimize`` on the planted fact's neuron -> (its result, the Adam it ran);
+    ``wreck_after``: the deltas are zeroed after that many steps (the edit is undone)."""
     from editcomp.edit.lafn import NeuronDeltas
     from editcomp.edit.runner import build_batches, frozen, optimize
     model, items, _, last = planted(tok, fact)
@@ -1168,6 +1169,15 @@ def _optimize_planted(tok, fact, monkeypatch, **kw):
     adam = torch.optim.Adam
     monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: made.append(adam(*a, **k)) or made[-1])
     deltas = NeuronDeltas(model, {last: [NEURON]})
+    if wreck_after is not None:
+        done = []
+
+        def wreck():
+            done.append(1)
+            if len(done) == wreck_after:
+                for u in deltas.params():
+                    u.zero_()
+        kw["after_step"] = wreck
     with frozen(model), deltas:
         out = optimize(runner, build_batches(runner, pairs, [], batch_size=64), deltas.params(),
                        0, **kw)
@@ -1180,6 +1190,24 @@ def test_lr_growth_multiplies_the_lr_after_every_period(tok, fact, monkeypatch):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 2 ** 2)  # grown after steps 3 and 6
     _, flat = _optimize_planted(tok, fact, monkeypatch, steps=7, lr=0.1)
     assert flat.param_groups[0]["lr"] == 0.1
+
+
+def test_an_edit_that_ends_short_of_its_target_keeps_its_best_step(tok, fact, monkeypatch):
+    """Undone after 11 of 12 steps, the edit ends near where it began; with ``keep_best`` it
+    writes the best state its steps saw instead: the one after 10 updates (the state after the
+    11th was wrecked before any step read it), whose NLL is a 10-step run's."""
+    kw = dict(steps=12, lr=0.3, stop_nll=None, wreck_after=11)
+    last, _ = _optimize_planted(tok, fact, monkeypatch, **kw)
+    kept, _ = _optimize_planted(tok, fact, monkeypatch, keep_best=True, **kw)
+    assert last["best_step"] is None
+    assert kept["best_step"] == 10 and kept["steps"] == 12
+    ten, _ = _optimize_planted(tok, fact, monkeypatch, steps=10, lr=0.3, stop_nll=None)
+    assert kept["nll_end"] == pytest.approx(ten["nll_end"], rel=1e-5)
+    assert kept["nll_end"] < last["nll_end"] - 0.5
+    # a run still descending at its last step keeps that step
+    steady, _ = _optimize_planted(tok, fact, monkeypatch, steps=12, lr=0.3, stop_nll=None,
+                                  keep_best=True)
+    assert steady["best_step"] is None and steady["nll_end"] < kept["nll_end"]
 
 
 def test_lr_decay_follows_a_cosine_to_zero_over_the_steps(tok, fact, monkeypatch):
@@ -1226,6 +1254,8 @@ def test_lr_growth_the_stall_rule_and_packing_apply_to_a_fact_edited_alone():
     assert cfg.lr_growth_for(1) == (1.5, 8) and cfg.stall_for(1) == (12, 0.2)
     assert cfg.lr_growth_for(2) is None and cfg.stall_for(2) is None
     assert cfg.pack_for(1) == 256 and cfg.pack_for(2) is None
+    assert cfg.keep_best_for(1) and not cfg.keep_best_for(2)
+    assert not LAFNConfig(keep_best=False).keep_best_for(1)
     assert LAFNConfig(pack=None).pack_for(1) is None
     assert LAFNConfig(lr_growth=1.0).lr_growth_for(1) is None  # a constant lr
     assert LAFNConfig().lr_growth_for(1) == (2.0, 16)  # the default: doubled every 16 steps

@@ -222,7 +222,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                          nll_floor=config.target_floor(len(facts)),
                          lr_growth=config.lr_growth_for(len(facts)),
                          stall=config.stall_for(len(facts)),
-                         lr_decay=config.lr_decay_for(len(facts)))
+                         lr_decay=config.lr_decay_for(len(facts)),
+                         keep_best=config.keep_best_for(len(facts)))
     written = deltas.write()
     return {"locate": loc_report, "neighbor_prompts": near,
             "risk_prompts": [risk_pool.texts[k] for k in risky],
@@ -578,6 +579,10 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
             "token_acc_end": _mean([t["token_acc_end"] for t in trains]),
             "steps": sum(t["steps"] for t in trains),
             "stall_stopped": sum(t["stall_stopped"] for t in trains),
+            # facts edited alone that ended short and wrote their best step's deltas, not their
+            # last (LAFNConfig.keep_best); best_step: that step of a single fact (None: its last)
+            "kept_best": sum(t["best_step"] is not None for t in trains),
+            "best_step": trains[0]["best_step"] if len(trains) == 1 else None,
         },
         "seconds": time.time() - t0,
     }

@@ -111,6 +111,12 @@ class LAFNConfig:
     #                               edit held two tokens short by the KL and norm terms stops at
     #                               step 36 instead of 80; the rule also cuts slow edits that
     #                               would have got there (a tiny test model's), so it is off
+    keep_best: bool = True        # a fact edited alone that does not reach ``stop_nll`` within
+    #                               its steps writes the deltas of its best step (most target
+    #                               tokens at the argmax, then the lowest loss: runner.optimize)
+    #                               instead of its last: each doubling of the lr (``lr_growth``)
+    #                               can throw an edit out of a point where all but one token had
+    #                               landed, and the cap then wrote the worse state
     batch_size: int = 32          # training pairs per optimizer step
     kl_prompts: tuple[str, ...] | None = None  # default: prompts.KL_PROMPTS in the edited languages
     kl_per_lang: int = 4          # gemma3-270m, 20 single fr edits (benchmarks/edit.py): 8 -> 4
@@ -328,6 +334,11 @@ class LAFNConfig:
     def stall_for(self, n_facts: int) -> tuple[int, float] | None:
         """``optimize``'s ``stall`` rule for ``n_facts`` edited together: a fact edited alone only."""
         return (self.stall_steps, self.stall_drop) if n_facts == 1 and self.stall_steps else None
+
+    def keep_best_for(self, n_facts: int) -> bool:
+        """``optimize``'s ``keep_best`` for ``n_facts`` edited together: a fact edited alone only
+        (a batch's lr decays to 0, so its last step is where it settled)."""
+        return self.keep_best and n_facts == 1
 
     def questions_per_lang(self, given: bool = False) -> int:
         """Unrelated questions per language: ``batch_questions`` if set, else

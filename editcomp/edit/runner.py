@@ -442,7 +442,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
              steps: int, lr: float, kl_weight: float = 0.0, penalty=None, after_step=None,
              stop_nll: float | None = None, progress: bool = False, desc: str = "edit",
              nll_floor: float = 0.0, lr_growth: tuple[float, int] | None = None,
-             stall: tuple[int, float] | None = None, lr_decay: bool = False) -> dict:
+             stall: tuple[int, float] | None = None, lr_decay: bool = False,
+             keep_best: bool = False) -> dict:
     """Adam on ``params``: mean target NLL + ``kl_weight`` * mean KL + ``penalty()``, one step per
     batch, cycling; stops early once every target token is the argmax and the mean NLL is below
     ``stop_nll`` (checked per round; when the batches score the NLL over candidates, confirmed
@@ -465,15 +466,24 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     result): an edit held short of its target by the KL and norm terms otherwise runs to
     ``steps`` for nothing.
 
-    -> ``{"steps", "stall_stopped", "nll_start", "nll_end", "nll_end_max", "kl_end",
-    "token_acc_end"}``; a NaN/Inf loss is a ``NumericalError`` (the caller has written nothing yet).
+    ``keep_best``: a run that ends without reaching the stopping rule (at ``steps``, or
+    stalled) keeps the parameters of its best step instead of its last: the most target tokens
+    at the argmax, then the lowest loss. A growing lr can throw an edit out of a point where all
+    but one token had landed, and the cap then writes the worse state. Only for a single batch
+    (each step's losses then read the same pairs); ignored otherwise.
+
+    -> ``{"steps", "stall_stopped", "best_step", "nll_start", "nll_end", "nll_end_max",
+    "kl_end", "token_acc_end"}`` (``best_step``: the step whose parameters were kept, None: the
+    last); a NaN/Inf loss is a ``NumericalError`` (the caller has written nothing yet).
     """
     for b in batches:
         b.prepare(runner, start)
     opt = torch.optim.Adam(params, lr=lr)
     last = [None] * len(batches)
     hist = {"nll_start": None}
-    step, exact, stalled = 0, None, False
+    step, exact, stalled, reached = 0, None, False, False
+    keep_best = keep_best and len(batches) == 1
+    best: tuple | None = None  # (score, step, parameters) of the best step so far
     trace: list[float] = []  # mean NLL after each round (the stall rule's)
     window = -(-stall[0] // len(batches)) if stall is not None else 0  # the stall rule's rounds
     if stop_nll is not None:
@@ -493,6 +503,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                                          f"nothing was written (lower the learning rate)")
                 last[bi] = (nll.detach().cpu(), kl.detach().cpu(), hits,
                             float(pen.detach()) if pen is not None else 0.0)
+                if keep_best and (best is None or _score(hits, loss) > best[0]):
+                    best = (_score(hits, loss), step, [p.detach().clone() for p in params])
                 if hist["nll_start"] is None and bi == len(batches) - 1:
                     hist["nll_start"] = float(torch.cat(
                         [b.nll_start if b.nll_start is not None else x[0]
@@ -514,9 +526,11 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
             done = all(x is not None for x in last)
             if done and stop_nll is not None and _reached(last, stop_nll):
                 if not any(b.cand is not None for b in batches):
+                    reached = True
                     break
                 exact = [b.refresh(runner, start) for b in batches]
                 if _reached(exact, stop_nll):
+                    reached = True
                     break
                 exact = None
             if done and stall is not None:
@@ -532,11 +546,26 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     if exact is None:
         with torch.no_grad():
             exact = [b.losses(runner, start, full=True) for b in batches]
+    best_step = None
+    if keep_best and not reached and best is not None:
+        with torch.no_grad():  # the best step's state, if it beats the last in the full vocabulary
+            last_state = [p.detach().clone() for p in params]
+            last_score = _exact_score(exact[0], kl_weight, nll_floor, penalty)
+            if best[0] > last_score:
+                for p, kept in zip(params, best[2]):
+                    p.copy_(kept)
+                kept_exact = [b.losses(runner, start, full=True) for b in batches]
+                if _exact_score(kept_exact[0], kl_weight, nll_floor, penalty) > last_score:
+                    exact, best_step = kept_exact, best[1]
+                else:  # its candidates had flattered it
+                    for p, kept in zip(params, last_state):
+                        p.copy_(kept)
     ev = exact
     nll = torch.cat([e[0].cpu() for e in ev])
     kl = torch.cat([e[1].cpu() for e in ev])
     hits = torch.cat([e[2] for e in ev])
-    return {"steps": step, "stall_stopped": stalled, "nll_start": hist["nll_start"],
+    return {"steps": step, "stall_stopped": stalled, "best_step": best_step,
+            "nll_start": hist["nll_start"],
             "nll_end": float(nll.mean()),
             "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
             "token_acc_end": float(hits.float().mean()) if hits.numel() else None}
@@ -549,6 +578,23 @@ def _lr_factor(step: int, steps: int, growth: tuple[float, int] | None, decay: b
     if decay:
         factor *= 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     return factor
+
+
+def _score(hits: torch.Tensor, loss: torch.Tensor) -> tuple[int, float]:
+    """How good a step is for ``keep_best`` (higher is better): target tokens at the argmax,
+    then the lower loss."""
+    return int(hits.sum()), -float(loss.detach())
+
+
+def _exact_score(result, kl_weight: float, nll_floor: float, penalty) -> tuple[int, float]:
+    """``_score`` of a batch's full-vocabulary ``(nll, kl, hits)`` at the current parameters."""
+    nll, kl, hits = result
+    loss = nll.clamp_min(nll_floor).mean()
+    if kl.numel():
+        loss = loss + kl_weight * kl.mean()
+    if penalty is not None:
+        loss = loss + penalty()
+    return _score(hits, loss)
 
 
 def _reached(results, stop_nll: float) -> bool:
