@@ -103,11 +103,12 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--max-neurons", "3",
                   "--min-neurons", "2", "--form-share", "1.0", "--steps", "2", "--nll-floor", "0.25",
-                  "--selectivity", "0.5", "--no-lr-decay", "--kl-weight", "3", "--json")
+                  "--selectivity", "0.5", "--no-lr-decay", "--kl-weight", "3", "--last-step",
+                  "--json")
     assert res.exit_code == 0, res.output
     last = checkpoint.load(out).lineage["history"][-1]
     lafn = last["config"]
-    assert lafn["lr_decay"] is False
+    assert lafn["lr_decay"] is False and lafn["keep_best"] is False
     assert lafn["steps"] == 2 and lafn["locate"]["top_frac"] == 0.2 and lafn["locate"]["share"] == 0.5
     assert lafn["locate"]["form_share"] == 1.0 and lafn["nll_floor"] == 0.25
     assert lafn["kl_weight"] == 3.0
@@ -125,6 +126,8 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
                            "--method", "ft-l", "--nll-floor", "0.5"), "--nll-floor", "lafn only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
                            "--method", "ft-l", "--kl-weight", "5"), "--kl-weight", "lafn only")
+    one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "y",
+                           "--method", "ft-l", "--last-step"), "--keep-best", "lafn only")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",
                            "--nll-floor", "-1"), "nll_floor must be >= 0")
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "z",

@@ -124,6 +124,12 @@ from editcomp.errors import EditcompError
                    "fact edited alone never decays. gemma3-270m's batches of 100, 80 constant "
                    "steps -> 120 decaying: reliability up in 7 of 8 language rows (zh 0.845 -> "
                    "0.865), locality in 6, 1.25x the time [default: on].")
+@click.option("--keep-best/--last-step", default=None,
+              help="lafn: a fact edited alone that reaches its step cap short of its target "
+                   "writes the deltas of its best step (most target tokens at the argmax, then "
+                   "the lowest loss) instead of its last. gemma3-270m, 100 single zh edits: "
+                   "reliability en/zh 0.977/0.947 -> 0.998/0.971, locality equal or up "
+                   "[default: keep-best].")
 @click.option("--layer", default=None, type=int,
               help="ft-l: the layer whose down_proj is tuned [default: at 21/32 of the depth, "
                    "EasyEdit's llama-7b layer].")
@@ -146,7 +152,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay, layer,
+             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay, keep_best,
+             layer,
              norm_constraint, objective, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
@@ -165,11 +172,13 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                              or foreign_answers is not None or risk_questions is not None
                              or answer_preserve is not None or nll_floor is not None
                              or kl_weight is not None
-                             or lr_decay is not None or questions_file):
+                             or lr_decay is not None or keep_best is not None
+                             or questions_file):
         raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
                             "--foreign-answers, --risk-questions, --answer-preserve, "
-                            "--questions, --kl-weight, --nll-floor, --[no-]lr-decay and "
+                            "--questions, --kl-weight, --nll-floor, --[no-]lr-decay, "
+                            "--keep-best/--last-step and "
                             "--preserve-text/--preserve-weight apply to --method lafn only")
     if method == "lafn" and (layer is not None or norm_constraint is not None or objective):
         raise EditcompError("--layer, --norm-constraint and --objective apply to --method ft-l only")
@@ -179,7 +188,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                                     ("foreign_answers", foreign_answers),
                                     ("risk_questions", risk_questions),
                                     ("answer_preserve", answer_preserve),
-                                    ("kl_weight", kl_weight), ("nll_floor", nll_floor))
+                                    ("kl_weight", kl_weight), ("nll_floor", nll_floor),
+                                    ("keep_best", keep_best))
                   if v is not None}
     lafn_extra["autocast"] = autocast
     lafn_extra["lr_decay"] = lr_decay
