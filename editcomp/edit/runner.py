@@ -467,8 +467,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     ``steps`` for nothing.
 
     ``keep_best``: a run that ends without reaching the stopping rule (at ``steps``, or
-    stalled) keeps the parameters of its best step instead of its last: the most target tokens
-    at the argmax, then the lowest loss. A growing lr can throw an edit out of a point where all
+    stalled) keeps the parameters of its best step after the first instead of its last: the most
+    target tokens at the argmax, then the lowest loss. A growing lr can throw an edit out of a point where all
     but one token had landed, and the cap then writes the worse state. Only for a single batch
     (each step's losses then read the same pairs); ignored otherwise.
 
@@ -503,7 +503,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                                          f"nothing was written (lower the learning rate)")
                 last[bi] = (nll.detach().cpu(), kl.detach().cpu(), hits,
                             float(pen.detach()) if pen is not None else 0.0)
-                if keep_best and (best is None or _score(hits, loss) > best[0]):
+                # (the unedited start is no candidate: an edit that ends short still moves)
+                if keep_best and step > 0 and (best is None or _score(hits, loss) > best[0]):
                     best = (_score(hits, loss), step, [p.detach().clone() for p in params])
                 if hist["nll_start"] is None and bi == len(batches) - 1:
                     hist["nll_start"] = float(torch.cat(
