@@ -152,8 +152,8 @@ from editcomp.errors import EditcompError
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
              top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
              preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay, keep_best,
-             layer,
+             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay,
+             keep_best, layer,
              norm_constraint, objective, autocast, report_file, force, device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 

@@ -467,10 +467,10 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     ``steps`` for nothing.
 
     ``keep_best``: a run that ends without reaching the stopping rule (at ``steps``, or
-    stalled) keeps the parameters of its best step after the first instead of its last: the most
-    target tokens at the argmax, then the lowest loss. A growing lr can throw an edit out of a point where all
-    but one token had landed, and the cap then writes the worse state. Only for a single batch
-    (each step's losses then read the same pairs); ignored otherwise.
+    stalled) keeps the parameters of its best step after the first instead of its last: the
+    most target tokens at the argmax, then the lowest loss. A growing lr can throw an edit out
+    of a point where all but one token had landed, and the cap then writes the worse state.
+    Only for a single batch (each step's losses then read the same pairs); ignored otherwise.
 
     -> ``{"steps", "stall_stopped", "best_step", "nll_start", "nll_end", "nll_end_max",
     "kl_end", "token_acc_end"}`` (``best_step``: the step whose parameters were kept, None: the
