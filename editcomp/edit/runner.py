@@ -493,8 +493,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
         while step < steps:
             for bi, b in enumerate(batches):
                 nll, kl, hits = b.losses(runner, start)
-                fit = nll.clamp_min(nll_floor).mean()  # floor 0: the plain mean (NLL >= 0)
-                loss = fit + kl_weight * kl.mean() if kl.numel() else fit
+                loss = _fit(nll, kl, kl_weight, nll_floor)
                 pen = penalty() if penalty is not None else None
                 if pen is not None:
                     loss = loss + pen
@@ -503,9 +502,10 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                                          f"nothing was written (lower the learning rate)")
                 last[bi] = (nll.detach().cpu(), kl.detach().cpu(), hits,
                             float(pen.detach()) if pen is not None else 0.0)
-                # (the unedited start is no candidate: an edit that ends short still moves)
-                if keep_best and step > 0 and (best is None or _score(hits, loss) > best[0]):
-                    best = (_score(hits, loss), step, [p.detach().clone() for p in params])
+                if keep_best and step > 0:  # (the unedited start is no candidate)
+                    score = _score(hits, loss)
+                    if best is None or score > best[0]:
+                        best = (score, step, [p.detach().clone() for p in params])
                 if hist["nll_start"] is None and bi == len(batches) - 1:
                     hist["nll_start"] = float(torch.cat(
                         [b.nll_start if b.nll_start is not None else x[0]
@@ -550,9 +550,9 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     best_step = None
     if keep_best and not reached and best is not None:
         with torch.no_grad():  # the best step's state, if it beats the last in the full vocabulary
-            last_state = [p.detach().clone() for p in params]
             last_score = _exact_score(exact[0], kl_weight, nll_floor, penalty)
             if best[0] > last_score:
+                last_state = [p.detach().clone() for p in params]
                 for p, kept in zip(params, best[2]):
                     p.copy_(kept)
                 kept_exact = [b.losses(runner, start, full=True) for b in batches]
@@ -587,15 +587,18 @@ def _score(hits: torch.Tensor, loss: torch.Tensor) -> tuple[int, float]:
     return int(hits.sum()), -float(loss.detach())
 
 
+def _fit(nll: torch.Tensor, kl: torch.Tensor, kl_weight: float, nll_floor: float) -> torch.Tensor:
+    """The loss before the penalty: the mean floored target NLL (floor 0: the plain mean, NLL >=
+    0) plus ``kl_weight`` times the mean KL."""
+    fit = nll.clamp_min(nll_floor).mean()
+    return fit + kl_weight * kl.mean() if kl.numel() else fit
+
+
 def _exact_score(result, kl_weight: float, nll_floor: float, penalty) -> tuple[int, float]:
     """``_score`` of a batch's full-vocabulary ``(nll, kl, hits)`` at the current parameters."""
     nll, kl, hits = result
-    loss = nll.clamp_min(nll_floor).mean()
-    if kl.numel():
-        loss = loss + kl_weight * kl.mean()
-    if penalty is not None:
-        loss = loss + penalty()
-    return _score(hits, loss)
+    loss = _fit(nll, kl, kl_weight, nll_floor)
+    return _score(hits, loss + penalty() if penalty is not None else loss)
 
 
 def _reached(results, stop_nll: float) -> bool:
