@@ -1133,7 +1133,8 @@ def test_nll_floor_stops_pushing_the_pairs_already_below_it(tok, fact):
     the pair above the floor alone would (the pair below contributes no gradient); with the
     floor above both, nothing moves."""
     from editcomp.edit.lafn import NeuronDeltas
-    from editcomp.edit.runner import build_batches, frozen, optimize
+    from editcomp.edit.runner import build_batches, frozen
+    from editcomp.edit.update import optimize
     model, items, _, last = planted(tok, fact)
     runner = ModelRunner(model, tok)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]
@@ -1161,7 +1162,8 @@ def _optimize_planted(tok, fact, monkeypatch, wreck_after: int | None = None, **
     """``optimize`` on the planted fact's neuron -> (its result, the Adam it ran);
     ``wreck_after``: the deltas are zeroed after that many steps (the edit is undone)."""
     from editcomp.edit.lafn import NeuronDeltas
-    from editcomp.edit.runner import build_batches, frozen, optimize
+    from editcomp.edit.runner import build_batches, frozen
+    from editcomp.edit.update import optimize
     model, items, _, last = planted(tok, fact)
     runner = ModelRunner(model, tok)
     pairs = [(list(it.prompt_ids), list(it.target_ids)) for it in items]

@@ -25,7 +25,8 @@ import torch
 from editcomp.arch import get_adapter
 from editcomp.data import Fact
 from editcomp.edit.prompts import PARAPHRASE_SOURCE, training_items
-from editcomp.edit.runner import ModelRunner, build_batches, frozen, optimize
+from editcomp.edit.runner import ModelRunner, build_batches, frozen
+from editcomp.edit.update import optimize
 from editcomp.errors import ConfigError
 
 EASYEDIT_DEPTH = 21 / 32

@@ -41,8 +41,9 @@ from editcomp.edit.locate import (GenericStats, activation_moments, generic_acti
 from editcomp.edit.prompts import (PARAPHRASE_SOURCE, kl_answer, kl_prompts_for, neighbor_prompts,
                                    training_items)
 from editcomp.edit.questions import names_a_subject, sample_questions
-from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen, optimize,
+from editcomp.edit.runner import (ModelRunner, attention_kernel, build_batches, frozen,
                                   top_next_tokens, weights_held_as)
+from editcomp.edit.update import optimize
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,
                                         join_prompt_target, languages_of)
 

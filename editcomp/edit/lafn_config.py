@@ -88,12 +88,12 @@ class LAFNConfig:
     #                               unrelated prompts' tokens (their activation covariance)
     stop_nll: float | None = 0.1  # stop once every target token is the argmax and the mean NLL is below
     nll_floor: float | None = None  # a pair below this target NLL is not pushed further
-    #                               (runner.optimize); None: 0 for a fact edited alone (its
+    #                               (update.optimize); None: 0 for a fact edited alone (its
     #                               edit stops at ``stop_nll`` anyway), ``BATCH_NLL_FLOOR`` for
     #                               facts edited together (see ``target_floor``)
     sequential: bool = False      # edit facts one after another instead of all together
     lr_growth: float = 2.0        # a fact edited alone: the lr is multiplied by this after every
-    lr_growth_steps: int = 16     # ... this many steps (runner.optimize; 1.0: a constant lr).
+    lr_growth_steps: int = 16     # ... this many steps (update.optimize; 1.0: a constant lr).
     #                               An edit that needs large deltas descends its NLL at Adam's
     #                               constant pace; lr 0.2 from the start cut smollm2-135m's steps
     #                               33.9 -> 25.2 but gemma3-270m's en locality 0.93 -> 0.85 (20
@@ -113,7 +113,7 @@ class LAFNConfig:
     #                               would have got there (a tiny test model's), so it is off
     keep_best: bool = True        # a fact edited alone that does not reach ``stop_nll`` within
     #                               its steps writes the deltas of its best step (most target
-    #                               tokens at the argmax, then the lowest loss: runner.optimize)
+    #                               tokens at the argmax, then the lowest loss: update.optimize)
     #                               instead of its last: each doubling of the lr (``lr_growth``)
     #                               can throw an edit out of a point where all but one token had
     #                               landed, and the cap then wrote the worse state.
@@ -244,7 +244,7 @@ class LAFNConfig:
     #                               and reliability (0.873/0.783 -> 0.846/0.739; 0.93/0.91 ->
     #                               0.90/0.86; session 29), so a batch keeps 0
     lr_decay: bool | None = None  # facts edited together: the lr decays (cosine) to 0 over
-    #                               ``steps`` (runner.optimize), so a longer run settles: Adam
+    #                               ``steps`` (update.optimize), so a longer run settles: Adam
     #                               moves every delta by about the lr each step however small
     #                               its gradient, and with most pairs at the NLL floor the late
     #                               steps would only shift the deltas. None or True: on for
