@@ -338,10 +338,9 @@ class LAFNConfig:
         third padding when padded. Packed (in rows of 512, session 24), the losses are the same
         in fp32, and single de edits took 16% less time on this CPU (interleaved with padded
         ones: smollm2-135m 17.5 -> 14.7 s, gemma3-270m 10.6 -> 8.9 s per edit, the same
-        optimizer steps). Facts edited together
-        keep padded rows: bf16 steps round differently once packed, and 80 steps over 100 facts
-        amplify such differences (as with the attention kernel), so that needs its own batch
-        measurement first."""
+        optimizer steps). Facts edited together keep padded rows: bf16 steps round differently
+        once packed, and 80 steps over 100 facts amplify such differences (as with the attention
+        kernel), so that needs its own batch measurement first."""
         return self.pack if n_facts == 1 else None
 
     def lr_growth_for(self, n_facts: int) -> tuple[float, int] | None:

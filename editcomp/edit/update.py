@@ -59,7 +59,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
         b.prepare(runner, start)
     opt = torch.optim.Adam(params, lr=lr)
     last = [None] * len(batches)
-    hist = {"nll_start": None}
+    nll_start = None  # the mean target NLL of the first round
     step, exact, stalled, reached = 0, None, False, False
     keep_best = keep_best and len(batches) == 1
     best: tuple | None = None  # (score, step, parameters) of the best step so far
@@ -85,8 +85,8 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
                     score = _score(hits, loss)
                     if best is None or score > best[0]:
                         best = (score, step, [p.detach().clone() for p in params])
-                if hist["nll_start"] is None and bi == len(batches) - 1:
-                    hist["nll_start"] = float(torch.cat(
+                if nll_start is None and bi == len(batches) - 1:
+                    nll_start = float(torch.cat(
                         [b.nll_start if b.nll_start is not None else x[0]
                          for b, x in zip(batches, last)]).mean())
                 opt.zero_grad(set_to_none=True)
@@ -145,7 +145,7 @@ def optimize(runner: ModelRunner, batches: list[TrainBatch], params: list[torch.
     kl = torch.cat([e[1].cpu() for e in ev])
     hits = torch.cat([e[2] for e in ev])
     return {"steps": step, "stall_stopped": stalled, "best_step": best_step,
-            "nll_start": hist["nll_start"],
+            "nll_start": nll_start,
             "nll_end": float(nll.mean()),
             "nll_end_max": float(nll.max()), "kl_end": float(kl.mean()) if kl.numel() else 0.0,
             "token_acc_end": float(hits.float().mean()) if hits.numel() else None}
