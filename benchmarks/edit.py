@@ -36,7 +36,7 @@ from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import (given_questions, preservation_moments,  # noqa: E402
                                  sampled_questions, with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
-from editcomp.eval import perplexity  # noqa: E402
+from editcomp.eval import bootstrap_ci, perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -206,7 +206,22 @@ def case_record(fact, report, seconds, result, langs) -> dict:
             # the step whose deltas were written when the edit ended short (LAFNConfig.keep_best)
             "best_step": report.get("losses", {}).get("best_step"),
             "neurons": report.get("neurons", {}).get("total"),
-            "by_lang": {lg: {m: result[lg][m]["acc"] for m in METRICS} for lg in langs}}
+            "by_lang": {lg: {m: result[lg][m]["acc"] for m in METRICS} for lg in langs},
+            # probes per metric: each case's weight in its row's interval (with_intervals)
+            "probes": {lg: {m: result[lg][m]["n"] for m in METRICS} for lg in langs}}
+
+
+def with_intervals(res: dict, cases: list[dict], langs) -> dict:
+    """``res`` (``Tally.table``) with each metric's 95% bootstrap interval over ``cases``
+    (``ci95``; None for a batch, whose one edit has no cases to resample), so that a
+    difference between rows, or a row and a target, is read against the spread of the cases."""
+    for lg in langs:
+        for m in METRICS:
+            scored = [(c["by_lang"][lg][m], c["probes"][lg][m]) for c in cases
+                      if c["probes"][lg][m]]
+            ci = bootstrap_ci([a for a, _ in scored], [n for _, n in scored]) if scored else None
+            res[lg][m]["ci95"] = [round(x, 4) for x in ci] if ci is not None else None
+    return res
 
 
 class Tally:
@@ -291,7 +306,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 tally.add(edit_metrics(model, tok, facts, langs, progress=False, reference=ref), langs)
                 ppl_after = perplexity(model, windows)["ppl"] if windows is not None else None
                 restore(model, saved)
-            res = tally.table(langs)
+            res = with_intervals(tally.table(langs), cases, langs)
             for lg in langs:
                 rows.append({"model": args.model, "pair": f"en+{lang}", "protocol": protocol,
                              "method": method, "lang": lg, "cases": len(facts),
@@ -306,8 +321,10 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                              "ppl_after": ppl_after,
                              # batch: the one call's optimizer steps and end losses
                              "losses": rep.get("losses") if protocol == "batch" else None,
-                             "per_case": [{**{k: v for k, v in c.items() if k != "by_lang"},
-                                           **c["by_lang"][lg]} for c in cases]})
+                             "per_case": [{**{k: v for k, v in c.items()
+                                              if k not in ("by_lang", "probes")},
+                                           **c["by_lang"][lg], "probes": c["probes"][lg]}
+                                          for c in cases]})
             print(f"[{time.strftime('%H:%M:%S')}] {args.model} en+{lang} {protocol} {method}: "
                   f"{time.time() - t_all:.0f} s  " + json.dumps({lg: {m: round(res[lg][m]['acc'], 3)
                                                                      for m in METRICS if res[lg][m]['n']}
@@ -317,7 +334,11 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
 
 
 def fmt(v):
-    return "-" if v is None or v.get("acc") is None else f"{v['acc']:.2f}/{v['em']:.2f}"
+    """``acc/em``, then the acc's 95% interval over the cases where the row has one."""
+    if v is None or v.get("acc") is None:
+        return "-"
+    ci = v.get("ci95")
+    return f"{v['acc']:.2f}/{v['em']:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
 
 
 def dump(rows, args):

@@ -221,3 +221,30 @@ def test_missing_reference_is_a_data_error(tiny_llama, tiny_tokenizer, facts):
     from editcomp.errors import DataError
     with pytest.raises(DataError, match="no prediction for fact 'eiffel-tower-city'"):
         edit_metrics(tiny_llama, tiny_tokenizer, facts[:1], reference={}, progress=False)
+
+
+# ------------------------------------------------------------------------------ bootstrap intervals
+
+def test_bootstrap_ci_matches_the_normal_interval_of_a_coin():
+    """50 zeros and 50 ones: mean 0.5, standard error 0.05, so the 95% interval is about
+    0.40-0.60; a bootstrap that resampled wrongly (too few cases, or not with replacement) would
+    come out narrower or empty."""
+    from editcomp.eval.bootstrap import bootstrap_ci
+    lo, hi = bootstrap_ci([0.0] * 50 + [1.0] * 50)
+    assert lo == pytest.approx(0.40, abs=0.02) and hi == pytest.approx(0.60, abs=0.02)
+    assert bootstrap_ci([0.0] * 50 + [1.0] * 50) == (lo, hi)  # seeded
+    assert bootstrap_ci([0.7] * 30) == pytest.approx((0.7, 0.7))
+    assert bootstrap_ci([]) is None
+
+
+def test_bootstrap_ci_weighs_each_probe_the_same():
+    """A case with 9 probes at 1.0 and 9 cases of one probe at 0.0: the pooled mean is 0.5, not
+    the 0.1 of the case means, and the interval is around the pooled one."""
+    from editcomp.eval.bootstrap import bootstrap_ci
+    values, weights = [1.0] + [0.0] * 9, [9] + [1] * 9
+    lo, hi = bootstrap_ci(values, weights)
+    assert lo < 0.5 < hi and hi > 0.3
+    lo1, hi1 = bootstrap_ci(values)
+    assert hi1 < 0.45
+    with pytest.raises(ValueError, match="weights"):
+        bootstrap_ci([1.0, 0.0], [1])

@@ -1,0 +1,110 @@
+"""95% bootstrap intervals of benchmarks/edit.py rows, and of the paired difference to a base row.
+
+A row's mean over 100 BMIKE-53 cases moves by about +-0.01 with nothing but which near-tie
+tokens flip, so a difference between two settings, or between a row and an issue's target, is
+read against its interval (``editcomp.eval.bootstrap_ci``; cases resampled whole). Paired: the
+two rows' per-case values on the case ids both hold, so what the cases share cancels out.
+
+    python benchmarks/intervals.py benchmarks/results/edit_gemma3-270m_single_fr100_heldout512_stop0305.json
+    python benchmarks/intervals.py NEW.json --base OLD.json:lafn --metrics locality,generality
+
+Rows written before the per-case probe counts were stored count one probe per case (BMIKE-53
+has one of each probe per case and language).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from editcomp.eval import bootstrap_ci  # noqa: E402
+
+METRICS = ("reliability", "generality", "locality", "portability")
+
+
+def case_values(row: dict, metric: str) -> dict[str, tuple[float, int]]:
+    """``{case_id: (acc, probes)}`` of a row's cases that have ``metric`` probes."""
+    out = {}
+    for c in row.get("per_case") or []:
+        n = (c.get("probes") or {}).get(metric, 1)
+        if n and c.get(metric) is not None:
+            out[str(c["case_id"])] = (float(c[metric]), n)
+    return out
+
+
+def key(row: dict) -> tuple:
+    """Which rows compare: the same model, pair, protocol and language."""
+    return row["model"], row["pair"], row["protocol"], row["lang"]
+
+
+def load_rows(spec: str) -> list[dict]:
+    """``FILE`` or ``FILE:METHOD`` (only that method's rows)."""
+    path, sep, method = spec.partition(".json:")
+    rows = json.loads(Path(path + ".json" if sep else path).read_text())["rows"]
+    return [r for r in rows if not method or r["method"] == method]
+
+
+def interval_rows(rows: list[dict], metrics, base: list[dict] | None = None) -> list[dict]:
+    """Per row and metric: the mean with its interval, and with ``base`` the paired difference
+    to the base row of the same ``key`` (None where there is none or no shared case)."""
+    by_key = {key(b): b for b in base or []}
+    out = []
+    for r in rows:
+        for m in metrics:
+            vals = case_values(r, m)
+            if not vals:
+                continue
+            acc = sum(a * n for a, n in vals.values()) / sum(n for _, n in vals.values())
+            item = {"row": f"{r['model']} {r['pair']} {r['protocol']} {r['method']} {r['lang']}",
+                    "metric": m, "cases": len(vals), "mean": acc,
+                    "ci95": bootstrap_ci([a for a, _ in vals.values()],
+                                         [n for _, n in vals.values()])}
+            b = by_key.get(key(r))
+            if b is not None:
+                old = case_values(b, m)
+                shared = [c for c in vals if c in old and old[c][1] == vals[c][1]]
+                if shared:
+                    diffs = [vals[c][0] - old[c][0] for c in shared]
+                    weights = [vals[c][1] for c in shared]
+                    item["diff"] = sum(d * w for d, w in zip(diffs, weights)) / sum(weights)
+                    item["diff_ci95"] = bootstrap_ci(diffs, weights)
+                    item["shared_cases"] = len(shared)
+            out.append(item)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="benchmarks/edit.py JSON files (FILE or FILE:METHOD)")
+    ap.add_argument("--base", default=None,
+                    help="FILE or FILE:METHOD: also the paired difference to its matching rows")
+    ap.add_argument("--metrics", default=",".join(METRICS))
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = ap.parse_args()
+    metrics = [m for m in args.metrics.split(",") if m]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        ap.error(f"unknown metric(s) {', '.join(bad)}: {', '.join(METRICS)}")
+    base = load_rows(args.base) if args.base else None
+    items = interval_rows([r for f in args.files for r in load_rows(f)], metrics, base)
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return
+    print("| row | metric | cases | mean (95% CI) | paired diff to base (95% CI) |")
+    print("|---|---|---:|---|---|")
+    for it in items:
+        lo, hi = it["ci95"]
+        diff = ""
+        if it.get("diff_ci95"):
+            dlo, dhi = it["diff_ci95"]
+            diff = f"{it['diff']:+.3f} ({dlo:+.3f} to {dhi:+.3f}), {it['shared_cases']} cases"
+        print(f"| {it['row']} | {it['metric']} | {it['cases']} | {it['mean']:.3f} "
+              f"({lo:.3f}-{hi:.3f}) | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
