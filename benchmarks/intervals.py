@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editcomp.eval import bootstrap_ci  # noqa: E402
-
-METRICS = ("reliability", "generality", "locality", "portability")
+from editcomp.eval.edit_metrics import METRICS  # noqa: E402
 
 
 def case_values(row: dict, metric: str) -> dict[str, tuple[float, int]]:
@@ -44,8 +43,16 @@ def key(row: dict) -> tuple:
 def load_rows(spec: str) -> list[dict]:
     """``FILE`` or ``FILE:METHOD`` (only that method's rows)."""
     path, sep, method = spec.partition(".json:")
-    rows = json.loads(Path(path + ".json" if sep else path).read_text())["rows"]
-    return [r for r in rows if not method or r["method"] == method]
+    path = Path(path + ".json" if sep else path)
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a benchmarks/edit.py results file ({e})")
+    picked = [r for r in rows if not method or r["method"] == method]
+    if not picked:
+        raise SystemExit(f"{path}: no rows of method {method!r} "
+                         f"(it has {sorted({r['method'] for r in rows})})")
+    return picked
 
 
 def interval_rows(rows: list[dict], metrics, base: list[dict] | None = None) -> list[dict]:
