@@ -36,8 +36,9 @@ from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import (given_questions, preservation_moments,  # noqa: E402
                                  sampled_questions, with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
-from editcomp.eval import bootstrap_ci, perplexity  # noqa: E402
+from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
+from intervals import row_ci  # noqa: E402  (benchmarks/intervals.py)
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -207,21 +208,8 @@ def case_record(fact, report, seconds, result, langs) -> dict:
             "best_step": report.get("losses", {}).get("best_step"),
             "neurons": report.get("neurons", {}).get("total"),
             "by_lang": {lg: {m: result[lg][m]["acc"] for m in METRICS} for lg in langs},
-            # probes per metric: each case's weight in its row's interval (with_intervals)
+            # probes per metric: each case's weight in its row's interval (intervals.row_ci)
             "probes": {lg: {m: result[lg][m]["n"] for m in METRICS} for lg in langs}}
-
-
-def with_intervals(res: dict, cases: list[dict], langs) -> dict:
-    """``res`` (``Tally.table``) with each metric's 95% bootstrap interval over ``cases``
-    (``ci95``; None for a batch, whose one edit has no cases to resample), so that a
-    difference between rows, or a row and a target, is read against the spread of the cases."""
-    for lg in langs:
-        for m in METRICS:
-            scored = [(c["by_lang"][lg][m], c["probes"][lg][m]) for c in cases
-                      if c["probes"][lg][m]]
-            ci = bootstrap_ci([a for a, _ in scored], [n for _, n in scored]) if scored else None
-            res[lg][m]["ci95"] = [round(x, 4) for x in ci] if ci is not None else None
-    return res
 
 
 class Tally:
@@ -306,7 +294,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 tally.add(edit_metrics(model, tok, facts, langs, progress=False, reference=ref), langs)
                 ppl_after = perplexity(model, windows)["ppl"] if windows is not None else None
                 restore(model, saved)
-            res = with_intervals(tally.table(langs), cases, langs)
+            res = tally.table(langs)
             for lg in langs:
                 rows.append({"model": args.model, "pair": f"en+{lang}", "protocol": protocol,
                              "method": method, "lang": lg, "cases": len(facts),
@@ -325,6 +313,8 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                                               if k not in ("by_lang", "probes")},
                                            **c["by_lang"][lg], "probes": c["probes"][lg]}
                                           for c in cases]})
+                for m in METRICS:  # the spread of the cases (None for a batch: no cases)
+                    rows[-1][m]["ci95"] = row_ci(rows[-1], m)
             print(f"[{time.strftime('%H:%M:%S')}] {args.model} en+{lang} {protocol} {method}: "
                   f"{time.time() - t_all:.0f} s  " + json.dumps({lg: {m: round(res[lg][m]['acc'], 3)
                                                                      for m in METRICS if res[lg][m]['n']}

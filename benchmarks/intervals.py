@@ -35,6 +35,13 @@ def case_values(row: dict, metric: str) -> dict[str, tuple[float, int]]:
     return out
 
 
+def row_ci(row: dict, metric: str) -> list[float] | None:
+    """The 95% interval of a row's ``metric`` over its cases (rounded; None: no cases)."""
+    vals = case_values(row, metric)
+    ci = bootstrap_ci([a for a, _ in vals.values()], [n for _, n in vals.values()])
+    return [round(x, 4) for x in ci] if ci is not None else None
+
+
 def key(row: dict) -> tuple:
     """Which rows compare: the same model, pair, protocol and language."""
     return row["model"], row["pair"], row["protocol"], row["lang"]
