@@ -10,6 +10,13 @@ two rows' per-case values on the case ids both hold, so what the cases share can
 
 Rows written before the per-case probe counts were stored count one probe per case (BMIKE-53
 has one of each probe per case and language).
+
+A setting that changes only some cases (a rule for long targets, say) is measured by re-running
+those cases alone (``benchmarks/edit.py --only``): single edits are deterministic per case, so
+``--patch NEW.json`` puts the re-run cases into the rows of record in place of theirs, and the
+patched rows are read as whole rows:
+
+    python benchmarks/intervals.py OLD.json:lafn --patch NEW.json --base OLD.json:lafn
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editcomp.eval import bootstrap_ci  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS  # noqa: E402
+
+EXTRA = ("steps", "seconds")  # per-case fields of a single edit that are not probe metrics
 
 
 def case_values(row: dict, metric: str) -> dict[str, tuple[float, int]]:
@@ -62,6 +71,24 @@ def load_rows(spec: str) -> list[dict]:
     return picked
 
 
+def patched(rows: list[dict], patch: list[dict]) -> list[dict]:
+    """``rows`` with each case that a ``patch`` row of the same ``key`` holds replaced by the
+    patch's record of it (the row's method then names both)."""
+    by_key = {key(p): p for p in patch}
+    out = []
+    for r in rows:
+        p = by_key.get(key(r))
+        if p is None:
+            out.append(r)
+            continue
+        new = {str(c["case_id"]): c for c in p.get("per_case") or []}
+        cases = [new.get(str(c["case_id"]), c) for c in r.get("per_case") or []]
+        out.append({**r, "method": f"{r['method']} patched by {p['method']} "
+                                   f"({sum(str(c['case_id']) in new for c in r['per_case'])} cases)",
+                    "per_case": cases})
+    return out
+
+
 def interval_rows(rows: list[dict], metrics, base: list[dict] | None = None) -> list[dict]:
     """Per row and metric: the mean with its interval, and with ``base`` the paired difference
     to the base row of the same ``key`` (None where there is none or no shared case)."""
@@ -96,15 +123,21 @@ def main():
     ap.add_argument("files", nargs="+", help="benchmarks/edit.py JSON files (FILE or FILE:METHOD)")
     ap.add_argument("--base", default=None,
                     help="FILE or FILE:METHOD: also the paired difference to its matching rows")
-    ap.add_argument("--metrics", default=",".join(METRICS))
+    ap.add_argument("--patch", default=None,
+                    help="FILE or FILE:METHOD: its single rows' cases replace those of the rows read")
+    ap.add_argument("--metrics", default=",".join(METRICS),
+                    help=f"any of {', '.join(METRICS + EXTRA)} (the last two: per-case means)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     metrics = [m for m in args.metrics.split(",") if m]
-    bad = [m for m in metrics if m not in METRICS]
+    bad = [m for m in metrics if m not in METRICS + EXTRA]
     if bad:
-        ap.error(f"unknown metric(s) {', '.join(bad)}: {', '.join(METRICS)}")
+        ap.error(f"unknown metric(s) {', '.join(bad)}: {', '.join(METRICS + EXTRA)}")
     base = load_rows(args.base) if args.base else None
-    items = interval_rows([r for f in args.files for r in load_rows(f)], metrics, base)
+    rows = [r for f in args.files for r in load_rows(f)]
+    if args.patch:
+        rows = patched(rows, load_rows(args.patch))
+    items = interval_rows(rows, metrics, base)
     if args.json:
         print(json.dumps(items, indent=2))
         return
