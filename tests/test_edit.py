@@ -234,7 +234,7 @@ def test_neighbor_prompts_swap_the_subject_and_never_use_the_probes(fact):
 
 def test_locating_finds_the_planted_neuron(tok, fact):
     model, items, kl, last = planted(tok, fact)
-    cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1)
+    cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1, neurons_per_token=0)
     per_fact, report = locate(model, tok, items, 1, cfg, kl_prompts=kl)
     assert per_fact == [{last: [NEURON]}]
     assert report["layer_histogram"][last] == 1 and report["neurons_total"] == 1
@@ -308,7 +308,8 @@ def test_a_fact_whose_shared_neurons_are_all_banned_falls_back_to_its_best_candi
     ends = [10 * k + 9 for k in range(8)]
     generic[0, ends, 3] = 5.0
     generic[0, ends, torch.arange(8) + 10] = 1.0
-    cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25, max_neurons=1)
+    cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=0.25, max_neurons=1,
+               neurons_per_token=0)
     stats = GenericStats.of(generic, ends, cfg["top_frac"])
     kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg), stats)
     assert kept == [{0: [7]}] and report["facts"][0]["fallback"]
@@ -327,7 +328,7 @@ def test_a_fact_with_too_few_shared_neurons_is_topped_up_from_its_candidates():
     acts[0, :2, 7] = 4.0
     acts[0, 2:, 9] = 1.0
     cfg = dict(min_layer=0.0, top_frac=2 / 64, share=1.0, generic_share=None, form_share=None,
-               max_neurons=2)
+               max_neurons=2, neurons_per_token=0)
     kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, min_neurons=2))
     assert kept == [{0: [5, 7]}] and report["facts"][0]["fallback"]
     kept, report = locate_neurons(acts, items, 1, LocateConfig(**cfg, min_neurons=1))
@@ -336,6 +337,30 @@ def test_a_fact_with_too_few_shared_neurons_is_topped_up_from_its_candidates():
     assert kept == [{0: [5]}]
     with pytest.raises(ConfigError, match="min_neurons"):
         LocateConfig(min_neurons=0).validate()
+
+
+def test_a_long_target_raises_a_lone_facts_neuron_budget():
+    """Neurons 5, 7 and 9 are shared by all four prompts (strengths 6, 5, 4). Under a cap of one
+    neuron and ``neurons_per_token`` 1, a fact located alone keeps one neuron per token of its
+    longest target (the de one here), the strongest first; facts located together keep the cap."""
+    acts = torch.rand(1, 4, 64) * 0.1
+    acts[0, :, 5], acts[0, :, 7], acts[0, :, 9] = 6.0, 5.0, 4.0
+    cfg = dict(min_layer=0.0, top_frac=3 / 64, share=1.0, generic_share=None, form_share=None,
+               max_neurons=1, min_neurons=1)
+
+    def located(de_target, n_facts=1, per_token=1):
+        items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,) if lang == "en" else de_target)
+                 for lang in ("en", "de", "en", "de")]
+        kept, _ = locate_neurons(acts, items, n_facts, LocateConfig(**cfg, neurons_per_token=per_token))
+        return kept[0]
+
+    assert located((3,)) == {0: [5]}
+    assert located((3, 4)) == {0: [5, 7]}
+    assert located((3, 4, 5, 6)) == {0: [5, 7, 9]}  # no more than it shares
+    assert located((3, 4), per_token=None) == located((3, 4), per_token=0) == {0: [5]}
+    assert located((3, 4), n_facts=2) == {0: [5]}
+    with pytest.raises(ConfigError, match="neurons_per_token"):
+        LocateConfig(neurons_per_token=-1).validate()
 
 
 def test_selectivity_puts_a_neuron_quiet_on_unrelated_text_first():
@@ -348,7 +373,8 @@ def test_selectivity_puts_a_neuron_quiet_on_unrelated_text_first():
     acts[0, :, 5], acts[0, :, 7], acts[0, :2, 9] = 6.0, 4.0, 500.0
     generic = torch.rand(1, 80, 64) * 0.1
     generic[0, :, 5], generic[0, :, 7] = 3.0, 0.01
-    cfg = dict(min_layer=0.0, top_frac=3 / 64, share=1.0, generic_share=None, form_share=None)
+    cfg = dict(min_layer=0.0, top_frac=3 / 64, share=1.0, generic_share=None, form_share=None,
+               neurons_per_token=0)
     generic = GenericStats.of(generic, [79], cfg["top_frac"])
     for selectivity, first in ((0.0, 5), (1.0, 7)):
         kept, report = locate_neurons(acts, items, 1, LocateConfig(

@@ -102,7 +102,7 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--max-neurons", "3",
-                  "--min-neurons", "2", "--form-share", "1.0", "--steps", "2", "--nll-floor", "0.25",
+                  "--neurons-per-token", "0", "--min-neurons", "2", "--form-share", "1.0", "--steps", "2", "--nll-floor", "0.25",
                   "--selectivity", "0.5", "--no-lr-decay", "--kl-weight", "3", "--last-step",
                   "--json")
     assert res.exit_code == 0, res.output
@@ -113,6 +113,7 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
     assert lafn["locate"]["form_share"] == 1.0 and lafn["nll_floor"] == 0.25
     assert lafn["kl_weight"] == 3.0
     assert lafn["locate"]["min_neurons"] == 2 and lafn["locate"]["selectivity"] == 0.5
+    assert lafn["locate"]["neurons_per_token"] == 0
     assert 0 < last["metrics"]["neurons"]["total"] <= 3
     one_line_error(run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", tmp_path / "x",
                            "--share", "1.5"), "share must be in (0, 1]")

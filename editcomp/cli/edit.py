@@ -37,6 +37,11 @@ from editcomp.errors import EditcompError
                    "all languages together [default: 0.9].")
 @click.option("--max-neurons", default=None, type=int,
               help="lafn: neurons per fact at most, the most consistent first [default: 48].")
+@click.option("--neurons-per-token", default=None, type=int,
+              help="lafn: a fact edited alone may keep this many neurons per token of its "
+                   "longest target when that is more than --max-neurons: a long target (a "
+                   "name spelled in many byte tokens) needs more columns to land; 0: off "
+                   "[default: 12].")
 @click.option("--min-neurons", default=None, type=int,
               help="lafn: a fact sharing fewer neurons than this (after dropping form and generic "
                    "ones) takes its --max-neurons most consistent candidates instead: too few "
@@ -150,11 +155,11 @@ from editcomp.errors import EditcompError
 @dtype_option
 @json_option
 def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraphrases, steps,
-             top_frac, share, max_neurons, min_neurons, selectivity, form_share, preserve_text,
-             preserve_weight, neighbors, batch_questions, foreign_answers, risk_questions,
-             answer_preserve, question_cache, questions_file, kl_weight, nll_floor, lr_decay,
-             keep_best, layer,
-             norm_constraint, objective, autocast, report_file, force, device, dtype, as_json):
+             top_frac, share, max_neurons, neurons_per_token, min_neurons, selectivity, form_share,
+             preserve_text, preserve_weight, neighbors, batch_questions, foreign_answers,
+             risk_questions, answer_preserve, question_cache, questions_file, kl_weight, nll_floor,
+             lr_decay, keep_best, layer, norm_constraint, objective, autocast, report_file, force,
+             device, dtype, as_json):
     """Edit the facts in FACTS (facts JSONL or BMIKE-53 JSON) into MODEL; write a checkpoint.
 
     \b
@@ -165,7 +170,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
     from editcomp.jobs import EditConfig, edit_job
 
     where = {"top_frac": top_frac, "share": share, "max_neurons": max_neurons,
-             "min_neurons": min_neurons, "selectivity": selectivity, "form_share": form_share}
+             "neurons_per_token": neurons_per_token, "min_neurons": min_neurons,
+             "selectivity": selectivity, "form_share": form_share}
     where = {k: v for k, v in where.items() if v is not None}
     if method == "ft-l" and (sequential or where or preserve_text or preserve_weight is not None
                              or neighbors is not None or batch_questions is not None
@@ -174,7 +180,8 @@ def edit_cmd(facts, model, out, method, langs, limit, offset, sequential, paraph
                              or kl_weight is not None
                              or lr_decay is not None or keep_best is not None
                              or questions_file):
-        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, --min-neurons, "
+        raise EditcompError("--sequential, --top-frac, --share, --max-neurons, "
+                            "--neurons-per-token, --min-neurons, "
                             "--selectivity, --form-share, --neighbors, --batch-questions, "
                             "--foreign-answers, --risk-questions, --answer-preserve, "
                             "--questions, --kl-weight, --nll-floor, --[no-]lr-decay, "
