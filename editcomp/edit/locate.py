@@ -15,7 +15,8 @@ position, and editing them made unrelated questions answer with the edit's targe
 6 BMIKE-53 de cases: German locality 0.61 with them, 0.98 without). A fact left with too few
 of its shared neurons falls back to its most consistent unbanned candidates (``fallback``).
 Under ``max_neurons`` the most consistent come first, then the strongest (or, with
-``selectivity``, those quietest on unrelated text for their strength).
+``selectivity``, those quietest on unrelated text for their strength); a fact located alone
+whose target is long may keep ``neurons_per_token`` per token of it instead.
 
 ``editcomp edit ... --report FILE`` writes the location report (layer histogram, neurons per fact,
 overlap between languages) as JSON.
