@@ -44,10 +44,14 @@ def case_values(row: dict, metric: str) -> dict[str, tuple[float, int]]:
     return out
 
 
+def values_ci(vals: dict[str, tuple[float, int]]) -> tuple[float, float] | None:
+    """The 95% interval of ``case_values`` (each probe weighted the same; None: no cases)."""
+    return bootstrap_ci([a for a, _ in vals.values()], [n for _, n in vals.values()])
+
+
 def row_ci(row: dict, metric: str) -> list[float] | None:
     """The 95% interval of a row's ``metric`` over its cases (rounded; None: no cases)."""
-    vals = case_values(row, metric)
-    ci = bootstrap_ci([a for a, _ in vals.values()], [n for _, n in vals.values()])
+    ci = values_ci(case_values(row, metric))
     return [round(x, 4) for x in ci] if ci is not None else None
 
 
@@ -83,8 +87,8 @@ def patched(rows: list[dict], patch: list[dict]) -> list[dict]:
             continue
         new = {str(c["case_id"]): c for c in p.get("per_case") or []}
         cases = [new.get(str(c["case_id"]), c) for c in r.get("per_case") or []]
-        out.append({**r, "method": f"{r['method']} patched by {p['method']} "
-                                   f"({sum(str(c['case_id']) in new for c in r['per_case'])} cases)",
+        replaced = sum(str(c["case_id"]) in new for c in cases)
+        out.append({**r, "method": f"{r['method']} patched by {p['method']} ({replaced} cases)",
                     "per_case": cases})
     return out
 
@@ -102,8 +106,7 @@ def interval_rows(rows: list[dict], metrics, base: list[dict] | None = None) -> 
             acc = sum(a * n for a, n in vals.values()) / sum(n for _, n in vals.values())
             item = {"row": f"{r['model']} {r['pair']} {r['protocol']} {r['method']} {r['lang']}",
                     "metric": m, "cases": len(vals), "mean": acc,
-                    "ci95": bootstrap_ci([a for a, _ in vals.values()],
-                                         [n for _, n in vals.values()])}
+                    "ci95": values_ci(vals)}
             b = by_key.get(key(r))
             if b is not None:
                 old = case_values(b, m)
@@ -124,7 +127,8 @@ def main():
     ap.add_argument("--base", default=None,
                     help="FILE or FILE:METHOD: also the paired difference to its matching rows")
     ap.add_argument("--patch", default=None,
-                    help="FILE or FILE:METHOD: its single rows' cases replace those of the rows read")
+                    help="FILE or FILE:METHOD: its single rows' cases replace those of the rows "
+                         "read")
     ap.add_argument("--metrics", default=",".join(METRICS),
                     help=f"any of {', '.join(METRICS + EXTRA)} (the last two: per-case means)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -234,7 +234,8 @@ def test_neighbor_prompts_swap_the_subject_and_never_use_the_probes(fact):
 
 def test_locating_finds_the_planted_neuron(tok, fact):
     model, items, kl, last = planted(tok, fact)
-    cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1, neurons_per_token=0)
+    cfg = LocateConfig(min_layer=0.0, top_frac=0.03, share=1.0, max_neurons=1,
+                       neurons_per_token=0)
     per_fact, report = locate(model, tok, items, 1, cfg, kl_prompts=kl)
     assert per_fact == [{last: [NEURON]}]
     assert report["layer_histogram"][last] == 1 and report["neurons_total"] == 1
@@ -351,7 +352,8 @@ def test_a_long_target_raises_a_lone_facts_neuron_budget():
     def located(de_target, n_facts=1, per_token=1):
         items = [TrainItem(0, lang, "q", "prompt", (1, 2), (3,) if lang == "en" else de_target)
                  for lang in ("en", "de", "en", "de")]
-        kept, _ = locate_neurons(acts, items, n_facts, LocateConfig(**cfg, neurons_per_token=per_token))
+        config = LocateConfig(**cfg, neurons_per_token=per_token)
+        kept, _ = locate_neurons(acts, items, n_facts, config)
         return kept[0]
 
     assert located((3,)) == {0: [5]}

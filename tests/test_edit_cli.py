@@ -102,7 +102,8 @@ def test_the_location_thresholds_reach_the_edit(tiny_ckpt, tmp_path):
     out = tmp_path / "edited"
     res = run_cli("edit", EXAMPLE_FACTS, "--model", tiny_ckpt, "--out", out, "--langs", "en,de",
                   "--limit", "1", "--top-frac", "0.2", "--share", "0.5", "--max-neurons", "3",
-                  "--neurons-per-token", "0", "--min-neurons", "2", "--form-share", "1.0", "--steps", "2", "--nll-floor", "0.25",
+                  "--neurons-per-token", "0", "--min-neurons", "2", "--form-share", "1.0",
+                  "--steps", "2", "--nll-floor", "0.25",
                   "--selectivity", "0.5", "--no-lr-decay", "--kl-weight", "3", "--last-step",
                   "--json")
     assert res.exit_code == 0, res.output

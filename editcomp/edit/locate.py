@@ -141,7 +141,8 @@ class LocateConfig:
         if self.max_neurons is not None and self.max_neurons < 1:
             raise ConfigError(f"max_neurons must be >= 1, got {self.max_neurons}")
         if self.neurons_per_token is not None and self.neurons_per_token < 0:
-            raise ConfigError(f"neurons_per_token must be >= 0 (0: off), got {self.neurons_per_token}")
+            raise ConfigError("neurons_per_token must be >= 0 (0: off), "
+                              f"got {self.neurons_per_token}")
         if not 0 <= self.min_layer < 1:
             raise ConfigError(f"min_layer must be in [0, 1), got {self.min_layer}")
 
