@@ -143,19 +143,21 @@ def is_lafn(method) -> bool:
     return base == "lafn" or base in ABLATIONS or base.startswith("lafn-preserve:")
 
 
-def questions_for(config, model, tok, langs, args, bank=None):
+def questions_for(config, model, tok, langs, args, bank=None, alone=False):
     """LAFN's unrelated questions for ``config``: sampled from the unedited model, or with
     ``--questions heldout`` the ``bank`` (``heldout_questions``); made once per languages and
     question settings (``lafn_edit`` would sample them in each call). The key leaves out the
     pair: the cross protocol's English-only pool is made from the first pair's bank and serves
     every pair, which is right because BMIKE-53's language files hold the same English records
-    in the same order (so the same English held-out questions)."""
+    in the same order (so the same English held-out questions). ``alone``: the pool of facts
+    edited alone (shorter continuations: ``LAFNConfig.continuation_for``)."""
     given = args.questions_from == "heldout"
-    key = (tuple(langs), config.questions_per_lang(given), config.kl_continuation,
-           args.questions_from)
+    key = (tuple(langs), config.questions_per_lang(given),
+           config.continuation_for(1 if alone else 2), args.questions_from)
     if key not in args.questions:
-        args.questions[key] = (given_questions(model, tok, bank, langs, config) if given
-                               else sampled_questions(model, tok, langs, config))
+        args.questions[key] = (given_questions(model, tok, bank, langs, config, alone=alone)
+                               if given else sampled_questions(model, tok, langs, config,
+                                                               alone=alone))
     return args.questions[key]
 
 
@@ -166,12 +168,12 @@ def single_pool(config, model, tok, langs, args, bank=None):
     if not config.samples_questions(1):
         return None
     given = args.questions_from == "heldout"
-    key = ("single", tuple(langs), config.questions_per_lang(given), config.kl_continuation,
+    key = ("single", tuple(langs), config.questions_per_lang(given), config.continuation_for(1),
            args.questions_from, config.takes_risk_questions(given),
            config.answer_preserve_for(1) > 0, config.locate.min_layer)
     if key not in args.questions:
         args.questions[key] = with_answer_activations(
-            model, tok, questions_for(config, model, tok, langs, args, bank), config)
+            model, tok, questions_for(config, model, tok, langs, args, bank, alone=True), config)
     return args.questions[key]
 
 
@@ -263,7 +265,7 @@ def run_lang(model, tok, lang, args, rows, windows, ppl_before):
                 if not is_ftl(method):  # the unedited model's KL continuations, once for all edits
                     t0 = time.time()
                     config = lafn_config(method, args)
-                    unrelated = unrelated_prompts(model, tok, train_langs, config)
+                    unrelated = unrelated_prompts(model, tok, train_langs, config, alone=True)
                     # a pool, as a user's call samples once
                     questions = single_pool(config, model, tok, train_langs, args, bank)
                     setup = time.time() - t0

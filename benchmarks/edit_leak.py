@@ -175,7 +175,7 @@ def single(model, tok, facts, langs, config, args, out, t0):
     """Each fact edited alone (as benchmarks/edit.py's single protocol), its own locality probes
     read before and after, the weights restored in between."""
     from edit import restore, snapshot  # benchmarks/edit.py
-    unrelated = unrelated_prompts(model, tok, langs, config)
+    unrelated = unrelated_prompts(model, tok, langs, config, alone=True)
     preserve = preservation_moments(model, tok, DATA / "wikitext-2" / "valid.txt", config)
     runner, saved = ModelRunner(model, tok), snapshot(model)
     items, before, after, targets, seconds = [], [], [], [], []

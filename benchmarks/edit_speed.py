@@ -59,7 +59,7 @@ def main():
                        skip_missing_langs=True)
     facts, later = facts[:args.cases], facts[args.cases:]
     bank = heldout_questions(facts, later, langs) if args.questions_from == "heldout" else None
-    unrelated = [unrelated_prompts(model, tok, langs, c) for c in configs]
+    unrelated = [unrelated_prompts(model, tok, langs, c, alone=True) for c in configs]
     unrelated = [replace(u, top=None, generic=None) if f else u
                  for u, f in zip(unrelated, fresh)]
     preserve = [moments_for(c, model, tok, args) if c.preserve_weight > 0 else None

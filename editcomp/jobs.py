@@ -165,14 +165,17 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     ck = checkpoint.load(model, device=device, dtype=dtype)
     check_edit_inputs(fact_list, ck.tokenizer, langs)  # every target tokenizes
     questions = None
+    # a fact edited alone reads shorter continuations than facts edited together (lafn_config)
+    alone = config.method == "lafn" and (len(fact_list) == 1 or method_config.sequential)
     if given is not None:
         from editcomp.edit.lafn import given_questions
-        questions = given_questions(ck.model, ck.tokenizer, given, used_langs, method_config)
+        questions = given_questions(ck.model, ck.tokenizer, given, used_langs, method_config,
+                                    alone=alone)
     elif (question_cache and config.method == "lafn" and ck.path is not None
             and method_config.samples_questions(len(fact_list))):
         from editcomp.edit.question_cache import cached_questions
         questions = cached_questions(ck.model, ck.tokenizer, ck.weights_sha256,
-                                     used_langs, method_config)
+                                     used_langs, method_config, alone=alone)
     report = edit_and_measure(ck.model, ck.tokenizer, fact_list, method_config, langs,
                               preserve_text=preserve_text, questions=questions)
     metrics = {"edit": report["metrics"], "losses": report["losses"],

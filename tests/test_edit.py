@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editcomp.arch import get_adapter
-from editcomp.data import load_facts
+from editcomp.data import Question, load_facts
 from editcomp.edit import FTLConfig, LAFNConfig, LocateConfig, ftl_edit, lafn_edit, locate
 from editcomp.edit.prompts import (KL_PROMPTS, NEIGHBOR_SUBJECTS, kl_answer, kl_prompts_for,
                                    neighbor_prompts, template_paraphrases, training_items)
@@ -647,6 +647,49 @@ def test_unrelated_questions_carry_their_answer_before_the_continuation(tok):
     assert with_ans.ids[1] == without.ids[1]  # the statement: its own continuation only
 
 
+def test_a_fact_edited_alone_reads_shorter_continuations_than_facts_edited_together(tok):
+    """By default a fact edited alone's unrelated prompts carry 4 tokens of the unedited model's
+    continuation and a batch's 8 (``LAFNConfig.continuation_for``), the same greedy tokens cut
+    shorter; a set ``kl_continuation`` holds for both."""
+    from editcomp.edit.lafn import unrelated_prompts
+
+    model = tiny_model()
+    cfg = LAFNConfig(kl_per_lang=2)
+    assert (cfg.continuation_for(1), cfg.continuation_for(3)) == (4, 8)
+    alone, together = (unrelated_prompts(model, tok, ["en"], cfg, alone=a) for a in (True, False))
+    assert (alone.continuation, together.continuation) == (4, 8)
+    assert alone.ends == together.ends and alone.texts == together.texts
+    assert all(t[:len(a)] == a for a, t in zip(alone.ids, together.ids))
+    assert max(len(t) - len(a) for a, t in zip(alone.ids, together.ids)) == 4
+    set_ = replace(cfg, kl_continuation=2)
+    assert set_.continuation_for(1) == set_.continuation_for(3) == 2
+
+
+def test_prompts_made_for_the_other_mode_are_refused_before_any_change(tok, fact):
+    """A single edit handed a batch's unrelated prompts (or a batch a single edit's questions)
+    would read other continuations than its own, slower or weaker and silently: a clear error,
+    and the model is untouched."""
+    from editcomp.edit.lafn import given_questions, unrelated_prompts
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LAFNConfig(kl_per_lang=2, steps=2, stop_nll=None, batch_questions=0)
+    batch_prompts = unrelated_prompts(model, tok, LANGS, cfg)
+    with pytest.raises(ValueError, match="unrelated carry 8-token continuations; a fact edited "
+                                         "alone read 4 .make them with alone=True"):
+        lafn_edit(model, tok, fact, cfg, LANGS, progress=False, unrelated=batch_prompts)
+    asked = [Question("en", "Who wrote Hamlet?", "Shakespeare", "test")]
+    single_pool = given_questions(model, tok, asked, ["en"], cfg, alone=True)
+    two = load_facts(EXAMPLE_FACTS, langs=LANGS, limit=2)
+    with pytest.raises(ValueError, match="questions carry 4-token continuations; facts edited "
+                                         "together read 8"):
+        lafn_edit(model, tok, two, cfg, LANGS, progress=False, questions=single_pool)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # made for its mode, or with a set continuation for both, it is taken
+    lafn_edit(model, tok, fact, cfg, LANGS, progress=False,
+              unrelated=unrelated_prompts(model, tok, LANGS, cfg, alone=True))
+
+
 def test_the_candidate_nll_is_the_softmax_over_the_target_and_the_top_tokens(tok, fact):
     """Per target token: -log softmax over {target} + the full logits' top 8 (each token once),
     averaged per pair; ``refresh`` gives the exact full-vocabulary losses."""
@@ -1097,8 +1140,8 @@ def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(
     two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     runs = ((two, {}), (one, {}), (two, {"batch_questions": 0}),
             (two, {"kl_weight": 3.0, "steps": 5}))
-    reports = [lafn_edit(model, tok, facts, LAFNConfig(locate=where, **kw), ["en"],
-                         progress=False, questions=pool) for facts, kw in runs]
+    reports = [lafn_edit(model, tok, facts, LAFNConfig(locate=where, kl_continuation=2, **kw),
+                         ["en"], progress=False, questions=pool) for facts, kw in runs]
     expected = [(GIVEN_BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT), (SINGLE_STEPS, KL_WEIGHT),
                 (BATCH_STEPS, KL_WEIGHT), (5, 3.0)]
     assert calls == expected and GIVEN_BATCH_KL_WEIGHT > KL_WEIGHT
@@ -1143,7 +1186,9 @@ def test_a_batch_adds_sampled_questions_except_those_naming_an_edited_subject(to
     subject = facts[0].langs["en"].subject
     model = tiny_model("llama")
     asked, about = "Who painted the ceiling of the chapel?", f"Who built the {subject}?"
-    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None)
+    # one pool for both modes: a set continuation holds for both (continuation_for)
+    cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None,
+                     kl_continuation=4)
     questions = unrelated_prompts(model, tok, ["en"], replace(cfg, kl_prompts=(asked, about),
                                                               kl_answers=False))
     batch = lafn_edit(model, tok, facts, cfg, ["en"], progress=False, questions=questions)
@@ -1345,7 +1390,7 @@ def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeyp
     texts = ("Who painted the ceiling of the chapel?", "Who wrote the long novel?",
              "Where is the old bridge?", f"Who built the {subject}?")
     cfg = LAFNConfig(locate=LocateConfig(min_layer=0.0, top_frac=0.05), steps=1, stop_nll=None,
-                     risk_questions=2, batch_questions=0)
+                     risk_questions=2, batch_questions=0, kl_continuation=4)  # both modes' pool
     asked = unrelated_prompts(model, tok, ["en"], replace(cfg, kl_prompts=texts, kl_answers=False))
     pool = with_answer_activations(model, tok, asked)
     assert pool.answer_acts.shape[:2] == (get_adapter(model).num_layers, 4)

@@ -53,6 +53,11 @@ def test_the_key_changes_with_everything_the_pool_depends_on():
               questions_key("w1", ["en", "de"], CONFIG, "cuda", torch.float32),
               questions_key("w1", ["en", "de"], CONFIG, cpu, torch.bfloat16)]
     assert len({key, *others}) == 1 + len(others)
+    # a fact edited alone reads shorter continuations than facts edited together by default
+    unset = replace(CONFIG, kl_continuation=None)
+    assert questions_key("w1", ["en"], unset, cpu, torch.float32, alone=True) != questions_key(
+        "w1", ["en"], unset, cpu, torch.float32)
+    assert key == questions_key("w1", ["en", "de"], CONFIG, cpu, torch.float32, alone=True)
     # what the edit does with the pool is not part of it
     assert key == questions_key("w1", ["en", "de"], replace(CONFIG, answer_preserve=3.0, steps=5),
                                 cpu, torch.float32)
@@ -77,7 +82,7 @@ def test_a_damaged_pool_is_sampled_again_and_replaced(tiny_llama, tiny_tokenizer
     assert again == fresh
     assert json.loads(file.read_text()) == json.loads(json.dumps(
         {"texts": fresh.texts, "ids": fresh.ids, "ends": fresh.ends, "langs": fresh.langs,
-         "row_langs": fresh.row_langs}))
+         "row_langs": fresh.row_langs, "continuation": 2}))
 
 
 def test_a_cache_that_cannot_be_written_warns_and_still_gives_the_pool(

@@ -189,7 +189,8 @@ def _edit_group(model, tokenizer, facts: list[Fact], items, kl_ids, kl_ends, con
                 "train": None, "written": {}}
     text_acts = (generic_activations(runner, kl_ids, config.locate.batch_size)
                  if config.norm_on_text else None)
-    kl_ids = kl_ids + _with_continuations(model, tokenizer, near, config.kl_continuation)[0]
+    kl_ids = kl_ids + _with_continuations(model, tokenizer, near,
+                                          config.continuation_for(len(facts)))[0]
     deltas = NeuronDeltas(model, neurons, text_acts,
                           preserve if config.preserve_weight > 0 else None, answers)
     risky = []
@@ -257,10 +258,16 @@ class UnrelatedPrompts:
     #: the caller's questions (``given_questions``), not the model's own: they take
     #: ``GIVEN_QUESTIONS`` per language and no foreign answers by default
     given: bool = False
+    #: tokens of the unedited model's continuation after each prompt (and its answer), which
+    #: ``lafn_edit`` checks against ``LAFNConfig.continuation_for``; None: not recorded
+    continuation: int | None = None
 
 
-def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None) -> UnrelatedPrompts:
-    """The unrelated prompts for facts in ``langs`` and the unedited ``model``'s continuations.
+def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None,
+                      alone: bool = False) -> UnrelatedPrompts:
+    """The unrelated prompts for facts in ``langs`` and the unedited ``model``'s continuations
+    (as long as ``config.continuation_for`` says for facts edited together, or with ``alone``
+    for a fact edited alone).
 
     ``lafn_edit`` makes them itself; a caller that edits the same unedited model many times (one
     fact at a time, restoring in between, as a benchmark's single-edit protocol does) makes them
@@ -270,54 +277,63 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None)
     config = config or LAFNConfig()
     texts = kl_prompts_for(langs, config.kl_prompts, config.kl_per_lang)
     answers = [kl_answer(t) if config.kl_answers else None for t in texts]
-    ids, ends = _with_continuations(model, tokenizer, texts, config.kl_continuation, answers)
+    n = _continuation(config, alone)
+    ids, ends = _with_continuations(model, tokenizer, texts, n, answers)
     runner, top, generic = ModelRunner(model, tokenizer), None, None
     if ids:
         generic = generic_stats(runner, ids, ends, config.locate.top_frac, config.locate.batch_size)
         if config.kl_vocab is not None and config.kl_weight != 0:  # None: by size and source
             top = tuple(top_next_tokens(runner, ids, config.kl_vocab))
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends), tuple(langs),
-                            top=top, generic=generic)
+                            top=top, generic=generic, continuation=n)
 
 
-def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None, seed: int = 0
-                      ) -> UnrelatedPrompts:
+def _continuation(config: LAFNConfig, alone: bool) -> int:
+    """The continuation the unrelated prompts of a fact edited alone (or of facts edited
+    together) carry."""
+    return config.continuation_for(1 if alone else 2)
+
+
+def sampled_questions(model, tokenizer, langs, config: LAFNConfig | None = None, seed: int = 0,
+                      alone: bool = False) -> UnrelatedPrompts:
     """``config.questions_per_lang()`` questions per language that the unedited ``model`` samples
     (``questions.sample_questions``), each followed by its greedy continuation: a batch edit's
-    extra unrelated prompts. Made once per unedited model and languages, like
-    ``unrelated_prompts``; ``lafn_edit`` drops those that name an edited subject."""
+    extra unrelated prompts (``alone``: a pool for facts edited alone, their riskiest questions).
+    Made once per unedited model and languages, like ``unrelated_prompts``; ``lafn_edit`` drops
+    those that name an edited subject."""
     config = config or LAFNConfig()
     rows = [(q, lang, None) for lang in dict.fromkeys(langs)
             for q in sample_questions(model, tokenizer, lang, config.questions_per_lang(), seed)]
-    return _question_prompts(model, tokenizer, rows, langs, config)
+    return _question_prompts(model, tokenizer, rows, langs, config, alone=alone)
 
 
 def given_questions(model, tokenizer, questions: list[Question], langs,
-                    config: LAFNConfig | None = None) -> UnrelatedPrompts:
+                    config: LAFNConfig | None = None, alone: bool = False) -> UnrelatedPrompts:
     """The caller's unrelated questions (``data.load_questions``) in ``langs``, in place of
     ``sampled_questions``: the first ``config.questions_per_lang(given=True)`` of each language
     (by default ``GIVEN_QUESTIONS``), each followed by its answer where it has one (teacher-forced,
     as a locality probe's gold answer is) and the unedited ``model``'s greedy continuation.
     Questions written like the ones an edit must not touch guard them far better than the
-    model's own (``lafn_config.GIVEN_QUESTIONS``)."""
+    model's own (``lafn_config.GIVEN_QUESTIONS``). ``alone``: as ``sampled_questions``'s."""
     config = config or LAFNConfig()
     cap = config.questions_per_lang(given=True)
     rows = [(q.text, lang, q.answer) for lang in dict.fromkeys(langs)
             for q in [q for q in questions if q.lang == lang][:cap]]
-    return _question_prompts(model, tokenizer, rows, langs, config, given=True)
+    return _question_prompts(model, tokenizer, rows, langs, config, given=True, alone=alone)
 
 
 def _question_prompts(model, tokenizer, rows: list[tuple[str, str, str | None]], langs,
-                      config: LAFNConfig, given: bool = False) -> UnrelatedPrompts:
+                      config: LAFNConfig, given: bool = False, alone: bool = False
+                      ) -> UnrelatedPrompts:
     """``(question, language, answer or None)`` rows -> ``UnrelatedPrompts``: each question, its
     answer where it has one, then the model's continuation (``_with_continuations``); ``given``:
-    the caller's questions."""
+    the caller's questions; ``alone``: for facts edited alone."""
     answers = [(lang, a) if a is not None else None for _, lang, a in rows]
-    ids, ends = _with_continuations(model, tokenizer, [q for q, _, _ in rows],
-                                    config.kl_continuation, answers)
+    n = _continuation(config, alone)
+    ids, ends = _with_continuations(model, tokenizer, [q for q, _, _ in rows], n, answers)
     return UnrelatedPrompts(tuple(q for q, _, _ in rows), tuple(tuple(p) for p in ids),
                             tuple(ends), tuple(langs), row_langs=tuple(lang for _, lang, _ in rows),
-                            given=given)
+                            given=given, continuation=n)
 
 
 def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str], copies: int = 1,
@@ -343,7 +359,8 @@ def with_foreign_answers(tokenizer, questions: UnrelatedPrompts, spans: list[str
             ends.append(len(p) - 1)
             langs.append(lang)
     return UnrelatedPrompts(tuple(texts), tuple(tuple(p) for p in ids), tuple(ends),
-                            questions.langs, row_langs=tuple(langs), given=questions.given)
+                            questions.langs, row_langs=tuple(langs), given=questions.given,
+                            continuation=questions.continuation)  # (the copies': none)
 
 
 def with_answer_activations(model, tokenizer, prompts: UnrelatedPrompts,
@@ -475,18 +492,20 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     t0 = time.time()
     items = training_items(facts, tokenizer, langs, config.paraphrases)
     used_langs = languages_of(facts, langs)
+    alone = len(facts) == 1 or config.sequential  # each fact trained by itself
+    for name, prompts in (("unrelated", unrelated), ("questions", questions)):
+        _check_continuation(name, prompts, config, alone)
     if unrelated is None:
-        unrelated = unrelated_prompts(model, tokenizer, used_langs, config)
+        unrelated = unrelated_prompts(model, tokenizer, used_langs, config, alone=alone)
     kl_texts = list(unrelated.texts)
     kl_ids, kl_ends = [list(p) for p in unrelated.ids], list(unrelated.ends)
     n_questions = 0
     answers = None  # moments where the sampled questions are answered (``answer_preserve``)
-    alone = len(facts) == 1 or config.sequential  # each fact trained by itself
     answer_weight = config.answer_preserve_for(1 if alone else len(facts))
     from_caller = questions is not None and questions.given  # kept by the filters below
     if not alone and config.questions_per_lang(from_caller) > 0:
         if questions is None:
-            questions = sampled_questions(model, tokenizer, used_langs, config)
+            questions = sampled_questions(model, tokenizer, used_langs, config, alone=alone)
         questions = _without_subjects(questions, facts)
         n_questions = len(questions.texts)
         copies = config.foreign_answers_for(len(facts), from_caller)
@@ -510,7 +529,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     wants_risk = config.takes_risk_questions(from_caller)
     if alone and (wants_risk or answer_weight > 0):  # an empty pool (0 questions): no terms
         if questions is None:
-            questions = sampled_questions(model, tokenizer, used_langs, config)
+            questions = sampled_questions(model, tokenizer, used_langs, config, alone=alone)
         pool = _without_subjects(questions, facts)
         if pool.ids and (wants_risk and pool.answer_acts is None
                          or answer_weight > 0 and pool.answer_moments is None):
@@ -588,6 +607,18 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         "seconds": time.time() - t0,
     }
     return report
+
+
+def _check_continuation(name: str, prompts: UnrelatedPrompts | None, config: LAFNConfig,
+                        alone: bool) -> None:
+    """A caller's prompts must carry the continuation this edit reads (``continuation_for``): a
+    pool made for facts edited together (8 tokens) would slow a fact edited alone and change
+    what its KL term holds, silently."""
+    want = _continuation(config, alone)
+    if prompts is not None and prompts.continuation not in (None, want):
+        kind = "a fact edited alone" if alone else "facts edited together"
+        raise ValueError(f"lafn_edit's {name} carry {prompts.continuation}-token continuations; "
+                         f"{kind} read {want} (make them with alone={alone})")
 
 
 def _mean(xs):

@@ -17,6 +17,15 @@ SINGLE_LR = 0.1   # LAFNConfig.learning_rate: one fact at a time
 BATCH_LR = 0.05   # ... several facts edited together
 BATCH_NLL_FLOOR = 0.5  # LAFNConfig.nll_floor for facts edited together
 SINGLE_ANSWER_PRESERVE = 10.0  # LAFNConfig.answer_preserve for a fact edited alone
+SINGLE_CONTINUATION = 4  # LAFNConfig.kl_continuation of a fact edited alone (see there): at 8,
+#                      the continuations were a quarter of a single edit's tokens a step (16
+#                      prompts in rows of 8 x 64 tokens: smollm2-135m). Session 46, 8 -> 4:
+#                      smollm2-135m, the 100 single zh edits in one run, 5.50 -> 5.10 s per
+#                      edit, 22.2 -> 22.8 steps, locality en/zh 0.907/0.887 -> 0.912/0.892;
+#                      gemma3-270m, the 100 fr and zh edits, paired to the rows of record:
+#                      locality en/fr 0.969/0.944 -> 0.960/0.942, en/zh 0.967/0.949 ->
+#                      0.964/0.958, every difference inside its interval
+BATCH_CONTINUATION = 8  # ... of facts edited together (the batch rows of session 40)
 SINGLE_STEPS = 80  # LAFNConfig.steps for a fact edited alone (an upper bound: see stop_nll)
 BATCH_STEPS = 120  # ... for facts edited together (all run: the lr decays to 0 over them)
 KL_WEIGHT = 10.0  # LAFNConfig.kl_weight (see there), but for ...
@@ -140,9 +149,12 @@ class LAFNConfig:
     kl_prompts: tuple[str, ...] | None = None  # default: prompts.KL_PROMPTS in the edited languages
     kl_per_lang: int = 4          # gemma3-270m, 20 single fr edits (benchmarks/edit.py): 8 -> 4
     #                               17.6 -> 11.6 s per edit, locality en/fr 0.91/0.85 -> 0.88/0.93
-    kl_continuation: int = 8      # the unedited model's greedy continuation (tokens) appended to
-    #                               each unrelated prompt: the KL term then covers answer positions,
-    #                               where locality probes are scored, not only the question
+    kl_continuation: int | None = None  # the unedited model's greedy continuation (tokens)
+    #                               appended to each unrelated prompt: the KL term then covers
+    #                               answer positions, where locality probes are scored, not only
+    #                               the question. None: ``SINGLE_CONTINUATION`` for a fact edited
+    #                               alone, ``BATCH_CONTINUATION`` for facts edited together
+    #                               (``continuation_for``)
     kl_answers: bool = True       # unrelated questions carry a short answer (prompts.KL_ANSWERS)
     #                               before their continuation, so the KL covers answer positions
     #                               (where locality is scored); 20 single fr edits: locality
@@ -384,6 +396,14 @@ class LAFNConfig:
             return self.foreign_answers
         return 0 if given else 1
 
+    def continuation_for(self, n_facts: int) -> int:
+        """Tokens of the unedited model's continuation after each unrelated prompt of an edit of
+        ``n_facts`` together (1: a fact edited alone, also under ``sequential``):
+        ``kl_continuation`` if set, else ``SINGLE_CONTINUATION`` or ``BATCH_CONTINUATION``."""
+        if self.kl_continuation is not None:
+            return self.kl_continuation
+        return SINGLE_CONTINUATION if n_facts == 1 else BATCH_CONTINUATION
+
     def samples_questions(self, n_facts: int) -> bool:
         """Whether an edit of ``n_facts`` samples questions from the model (``lafn_edit``'s
         ``questions``): facts edited together for their unrelated prompts, a fact edited alone
@@ -417,7 +437,7 @@ class LAFNConfig:
         for name in ("kl_vocab", "nll_vocab", "pack", "steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        if self.kl_continuation < 0:
+        if self.kl_continuation is not None and self.kl_continuation < 0:
             raise ConfigError(f"kl_continuation must be >= 0, got {self.kl_continuation}")
         if self.neighbors < 0:
             raise ConfigError(f"neighbors must be >= 0, got {self.neighbors}")

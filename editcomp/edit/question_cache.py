@@ -36,12 +36,15 @@ def cache_dir() -> Path:
     return home() / "questions"
 
 
-def questions_key(weights_sha256: str, langs, config: LAFNConfig, device, dtype) -> str:
-    """The pool's identity: everything ``sampled_questions`` draws from, hashed."""
+def questions_key(weights_sha256: str, langs, config: LAFNConfig, device, dtype,
+                  alone: bool = False) -> str:
+    """The pool's identity: everything ``sampled_questions`` draws from, hashed (``alone``: the
+    pool of facts edited alone, whose continuations are shorter)."""
     langs = list(dict.fromkeys(langs))
     fields = {"format": CACHE_FORMAT, "editcomp": editcomp.__version__, "torch": torch.__version__,
               "weights_sha256": weights_sha256, "langs": langs, "per_lang": config.questions_per_lang(),
-              "continuation": config.kl_continuation, "question_tokens": QUESTION_TOKENS,
+              "continuation": config.continuation_for(1 if alone else 2),
+              "question_tokens": QUESTION_TOKENS,
               "shots": {lang: few_shot_questions(lang) for lang in langs},
               "device": torch.device(device).type, "dtype": str(dtype)}
     blob = json.dumps(fields, sort_keys=True, ensure_ascii=False).encode("utf-8")
@@ -49,20 +52,21 @@ def questions_key(weights_sha256: str, langs, config: LAFNConfig, device, dtype)
 
 
 def cached_questions(model, tokenizer, weights_sha256: str, langs, config: LAFNConfig,
-                     directory: str | os.PathLike | None = None) -> UnrelatedPrompts:
-    """``sampled_questions(model, tokenizer, langs, config)``, read from ``directory`` (default
-    ``cache_dir()``) when this checkpoint's pool is there, else sampled and written there
-    (atomically; where it cannot be written, a warning). ``weights_sha256``: the checkpoint's
-    (``checkpoint.weights_sha256``)."""
+                     directory: str | os.PathLike | None = None, alone: bool = False
+                     ) -> UnrelatedPrompts:
+    """``sampled_questions(model, tokenizer, langs, config, alone=alone)``, read from
+    ``directory`` (default ``cache_dir()``) when this checkpoint's pool is there, else sampled
+    and written there (atomically; where it cannot be written, a warning). ``weights_sha256``:
+    the checkpoint's (``checkpoint.weights_sha256``)."""
     param = next(model.parameters())
-    key = questions_key(weights_sha256, langs, config, param.device, param.dtype)
+    key = questions_key(weights_sha256, langs, config, param.device, param.dtype, alone)
     file = Path(directory if directory is not None else cache_dir()) / f"{key}.json"
     if file.exists():
         try:
             return _read(file)
         except (OSError, ValueError, KeyError, TypeError) as e:
             warnings.warn(f"{file}: not a readable question pool ({e}); sampling it again")
-    pool = sampled_questions(model, tokenizer, langs, config)
+    pool = sampled_questions(model, tokenizer, langs, config, alone=alone)
     try:
         _write(file, pool)
     except OSError as e:  # a read-only or full cache costs the next edit time, not this one
@@ -79,14 +83,18 @@ def _read(file: Path) -> UnrelatedPrompts:
     if not all(isinstance(t, int) for row in ids for t in row) or not all(
             isinstance(e, int) and 0 <= e < len(row) for e, row in zip(ends, ids)):
         raise ValueError("its token ids or ends are not in range")
+    continuation = data.get("continuation")  # (not recorded before it differed by mode)
+    if continuation is not None and not isinstance(continuation, int):
+        raise ValueError("its continuation is not a token count")
     return UnrelatedPrompts(tuple(texts), tuple(tuple(row) for row in ids), tuple(ends),
-                            tuple(data["langs"]), row_langs=tuple(row_langs))
+                            tuple(data["langs"]), row_langs=tuple(row_langs),
+                            continuation=continuation)
 
 
 def _write(file: Path, pool: UnrelatedPrompts) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     data = {"texts": pool.texts, "ids": pool.ids, "ends": pool.ends, "langs": pool.langs,
-            "row_langs": pool.row_langs}
+            "row_langs": pool.row_langs, "continuation": pool.continuation}
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.stem}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like the models
