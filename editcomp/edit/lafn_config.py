@@ -22,9 +22,10 @@ SINGLE_CONTINUATION = 4  # LAFNConfig.kl_continuation of a fact edited alone (se
 #                      prompts in rows of 8 x 64 tokens: smollm2-135m). Session 46, 8 -> 4:
 #                      smollm2-135m, the 100 single zh edits in one run, 5.50 -> 5.10 s per
 #                      edit, 22.2 -> 22.8 steps, locality en/zh 0.907/0.887 -> 0.912/0.892;
-#                      gemma3-270m, the 100 fr and zh edits, paired to the rows of record:
-#                      locality en/fr 0.969/0.944 -> 0.960/0.942, en/zh 0.967/0.949 ->
-#                      0.964/0.958, every difference inside its interval
+#                      gemma3-270m, the 100 edits of each language, paired to the rows of
+#                      record: locality en/L de 0.969/0.955 -> 0.974/0.955, fr 0.969/0.944 ->
+#                      0.960/0.942, zh 0.967/0.949 -> 0.964/0.958, es 0.953/0.967 ->
+#                      0.950/0.952, every difference inside its interval
 BATCH_CONTINUATION = 8  # ... of facts edited together (the batch rows of session 40)
 SINGLE_STEPS = 80  # LAFNConfig.steps for a fact edited alone (an upper bound: see stop_nll)
 BATCH_STEPS = 120  # ... for facts edited together (all run: the lr decays to 0 over them)
