@@ -485,7 +485,9 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     alone) an edit also keeps its columns' output where those questions are answered.
     ``answer_spans``: names and dates of generic text (``answers.answer_spans``), which facts
     edited together take as the questions' foreign answers (``config.foreign_answers_for``:
-    by default sampled questions only); None: none.
+    by default sampled questions only); None: none. A caller's ``unrelated`` and ``questions``
+    must be made for this edit's mode (their builders' ``alone``: one fact, or ``sequential``),
+    whose continuations differ (``LAFNConfig.continuation_for``); others are a ValueError.
     """
     config = config or LAFNConfig()
     config.validate()
