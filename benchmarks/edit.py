@@ -34,7 +34,8 @@ from editcomp.device import peak_memory_mb  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.answers import answer_spans  # noqa: E402
 from editcomp.edit.lafn import (given_questions, preservation_moments,  # noqa: E402
-                                 sampled_questions, with_answer_activations)
+                                 prompt_continuation, sampled_questions,
+                                 with_answer_activations)
 from editcomp.edit.locate import LocateConfig  # noqa: E402
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
@@ -153,7 +154,7 @@ def questions_for(config, model, tok, langs, args, bank=None, alone=False):
     edited alone (shorter continuations: ``LAFNConfig.continuation_for``)."""
     given = args.questions_from == "heldout"
     key = (tuple(langs), config.questions_per_lang(given),
-           config.continuation_for(1 if alone else 2), args.questions_from)
+           prompt_continuation(config, alone), args.questions_from)
     if key not in args.questions:
         args.questions[key] = (given_questions(model, tok, bank, langs, config, alone=alone)
                                if given else sampled_questions(model, tok, langs, config,
@@ -168,7 +169,8 @@ def single_pool(config, model, tok, langs, args, bank=None):
     if not config.samples_questions(1):
         return None
     given = args.questions_from == "heldout"
-    key = ("single", tuple(langs), config.questions_per_lang(given), config.continuation_for(1),
+    key = ("single", tuple(langs), config.questions_per_lang(given),
+           prompt_continuation(config, True),
            args.questions_from, config.takes_risk_questions(given),
            config.answer_preserve_for(1) > 0, config.locate.min_layer)
     if key not in args.questions:

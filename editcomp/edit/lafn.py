@@ -277,7 +277,7 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None,
     config = config or LAFNConfig()
     texts = kl_prompts_for(langs, config.kl_prompts, config.kl_per_lang)
     answers = [kl_answer(t) if config.kl_answers else None for t in texts]
-    n = _continuation(config, alone)
+    n = prompt_continuation(config, alone)
     ids, ends = _with_continuations(model, tokenizer, texts, n, answers)
     runner, top, generic = ModelRunner(model, tokenizer), None, None
     if ids:
@@ -288,9 +288,10 @@ def unrelated_prompts(model, tokenizer, langs, config: LAFNConfig | None = None,
                             top=top, generic=generic, continuation=n)
 
 
-def _continuation(config: LAFNConfig, alone: bool) -> int:
+def prompt_continuation(config: LAFNConfig, alone: bool) -> int:
     """The continuation the unrelated prompts of a fact edited alone (or of facts edited
-    together) carry."""
+    together) carry: the one place that turns a builder's ``alone`` into
+    ``config.continuation_for``'s count of facts."""
     return config.continuation_for(1 if alone else 2)
 
 
@@ -329,7 +330,7 @@ def _question_prompts(model, tokenizer, rows: list[tuple[str, str, str | None]],
     answer where it has one, then the model's continuation (``_with_continuations``); ``given``:
     the caller's questions; ``alone``: for facts edited alone."""
     answers = [(lang, a) if a is not None else None for _, lang, a in rows]
-    n = _continuation(config, alone)
+    n = prompt_continuation(config, alone)
     ids, ends = _with_continuations(model, tokenizer, [q for q, _, _ in rows], n, answers)
     return UnrelatedPrompts(tuple(q for q, _, _ in rows), tuple(tuple(p) for p in ids),
                             tuple(ends), tuple(langs), row_langs=tuple(lang for _, lang, _ in rows),
@@ -616,7 +617,7 @@ def _check_continuation(name: str, prompts: UnrelatedPrompts | None, config: LAF
     """A caller's prompts must carry the continuation this edit reads (``continuation_for``): a
     pool made for facts edited together (8 tokens) would slow a fact edited alone and change
     what its KL term holds, silently."""
-    want = _continuation(config, alone)
+    want = prompt_continuation(config, alone)
     if prompts is not None and prompts.continuation not in (None, want):
         kind = "a fact edited alone" if alone else "facts edited together"
         raise ValueError(f"lafn_edit's {name} carry {prompts.continuation}-token continuations; "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import editcomp
-from editcomp.edit.lafn import UnrelatedPrompts, sampled_questions
+from editcomp.edit.lafn import UnrelatedPrompts, prompt_continuation, sampled_questions
 from editcomp.edit.lafn_config import LAFNConfig
 from editcomp.edit.questions import QUESTION_TOKENS, few_shot_questions
 from editcomp.models import home
@@ -43,7 +43,7 @@ def questions_key(weights_sha256: str, langs, config: LAFNConfig, device, dtype,
     langs = list(dict.fromkeys(langs))
     fields = {"format": CACHE_FORMAT, "editcomp": editcomp.__version__, "torch": torch.__version__,
               "weights_sha256": weights_sha256, "langs": langs, "per_lang": config.questions_per_lang(),
-              "continuation": config.continuation_for(1 if alone else 2),
+              "continuation": prompt_continuation(config, alone),
               "question_tokens": QUESTION_TOKENS,
               "shots": {lang: few_shot_questions(lang) for lang in langs},
               "device": torch.device(device).type, "dtype": str(dtype)}
