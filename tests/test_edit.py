@@ -727,7 +727,7 @@ def test_kept_output_rows_give_the_same_losses_and_follow_a_refresh(tok, fact):
         b.prepare(runner, 0)
     assert each.top_rows is None and each.cand_rows is None
     w = get_adapter(model).lm_head.weight
-    assert torch.equal(kept.top_rows, w[kept.top]) and torch.equal(kept.cand_rows, w[kept.cand])
+    assert torch.equal(kept.top_rows, w[kept.top].mT) and torch.equal(kept.cand_rows, w[kept.cand].mT)
     down = get_adapter(model).layer(last).down.weight
     with torch.no_grad():
         for _ in range(2):
@@ -737,7 +737,7 @@ def test_kept_output_rows_give_the_same_losses_and_follow_a_refresh(tok, fact):
             down.add_(torch.randn_like(down) * 0.5)
             kept.refresh(runner, 0), each.refresh(runner, 0)
         assert not torch.equal(kept.cand, old)  # the refresh changed the candidates
-        assert torch.equal(kept.cand_rows, w[kept.cand])
+        assert torch.equal(kept.cand_rows, w[kept.cand].mT)
     small = TrainBatch(runner, pairs, kl, kl_vocab=16, nll_vocab=8,
                        row_cache=kept.top_rows.numel() * w.element_size() - 1)
     small.prepare(runner, 0)
