@@ -33,10 +33,10 @@ from editcomp.data import Question, load_facts, load_text, token_windows  # noqa
 from editcomp.device import peak_memory_mb  # noqa: E402
 from editcomp.edit import FTLConfig, LAFNConfig, ftl_edit, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.answers import answer_spans  # noqa: E402
-from editcomp.edit.lafn import (given_questions, preservation_moments,  # noqa: E402
-                                 prompt_continuation, sampled_questions,
-                                 with_answer_activations)
+from editcomp.edit.lafn import preservation_moments  # noqa: E402
 from editcomp.edit.locate import LocateConfig  # noqa: E402
+from editcomp.edit.unrelated import (given_questions, prompt_continuation,  # noqa: E402
+                                     sampled_questions, with_answer_activations)
 from editcomp.eval import perplexity  # noqa: E402
 from editcomp.eval.edit_metrics import METRICS, edit_metrics, locality_reference  # noqa: E402
 from intervals import row_ci  # noqa: E402  (benchmarks/intervals.py)

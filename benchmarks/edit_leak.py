@@ -43,9 +43,10 @@ from editcomp import checkpoint  # noqa: E402
 from editcomp.data import load_facts, load_text  # noqa: E402
 from editcomp.edit import LAFNConfig, lafn_edit, unrelated_prompts  # noqa: E402
 from editcomp.edit.answers import answer_spans  # noqa: E402
-from editcomp.edit.lafn import preservation_moments, sampled_questions  # noqa: E402
+from editcomp.edit.lafn import preservation_moments  # noqa: E402
 from editcomp.edit.layout import right_pad  # noqa: E402
 from editcomp.edit.runner import ModelRunner, gather_positions  # noqa: E402
+from editcomp.edit.unrelated import sampled_questions  # noqa: E402
 from editcomp.eval.edit_metrics import (encode_prompt_target, greedy_continuations,  # noqa: E402
                                         target_token_ids)
 

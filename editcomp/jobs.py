@@ -133,7 +133,8 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     an edit samples from the checkpoint are kept under ``$EDITCOMP_HOME/questions`` and read
     there by the next edit of the same checkpoint (``question_cache.py``); False: sampled
     anew and not kept. ``questions_file`` (lafn): a questions JSONL (``data.load_questions``)
-    whose questions in the edited languages replace the sampled ones (``lafn.given_questions``)."""
+    whose questions in the edited languages replace the sampled ones
+    (``unrelated.given_questions``)."""
     from editcomp import checkpoint
     from editcomp.data import facts_sha256, load_facts, load_questions, load_text
     from editcomp.edit.run import check_edit_inputs, edit_and_measure
@@ -168,7 +169,7 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     # a fact edited alone reads shorter continuations than facts edited together (lafn_config)
     alone = config.method == "lafn" and (len(fact_list) == 1 or method_config.sequential)
     if given is not None:
-        from editcomp.edit.lafn import given_questions
+        from editcomp.edit.unrelated import given_questions
         questions = given_questions(ck.model, ck.tokenizer, given, used_langs, method_config,
                                     alone=alone)
     elif (question_cache and config.method == "lafn" and ck.path is not None

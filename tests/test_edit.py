@@ -458,7 +458,7 @@ def test_an_edit_with_known_top_tokens_and_generic_stats_writes_the_same_deltas(
                                                                              monkeypatch):
     """``unrelated_prompts`` carries its top tokens and ``GenericStats``; an edit with them
     locates the same neurons and writes what an edit that finds them itself writes."""
-    from editcomp.edit.lafn import unrelated_prompts
+    from editcomp.edit.unrelated import unrelated_prompts
 
     model = tiny_model()
     cfg = LAFNConfig(kl_per_lang=2, kl_continuation=2, kl_vocab=16, steps=4, stop_nll=None,
@@ -631,7 +631,7 @@ def test_neighbor_prompts_join_the_kl_term_with_their_continuations(tok, fact, m
 def test_unrelated_questions_carry_their_answer_before_the_continuation(tok):
     """The KL term's questions get their short answer (teacher-forced, as locality probes are
     scored) between the question and the model's continuation; statements do not."""
-    from editcomp.edit.lafn import unrelated_prompts
+    from editcomp.edit.unrelated import unrelated_prompts
     from editcomp.eval.edit_metrics import encode_prompt_target
 
     model = tiny_model()
@@ -651,7 +651,7 @@ def test_a_fact_edited_alone_reads_shorter_continuations_than_facts_edited_toget
     """By default a fact edited alone's unrelated prompts carry 4 tokens of the unedited model's
     continuation and a batch's 8 (``LAFNConfig.continuation_for``), the same greedy tokens cut
     shorter; a set ``kl_continuation`` holds for both."""
-    from editcomp.edit.lafn import unrelated_prompts
+    from editcomp.edit.unrelated import unrelated_prompts
 
     model = tiny_model()
     cfg = LAFNConfig(kl_per_lang=2)
@@ -669,7 +669,7 @@ def test_prompts_made_for_the_other_mode_are_refused_before_any_change(tok, fact
     """A single edit handed a batch's unrelated prompts (or a batch a single edit's questions)
     would read other continuations than its own, slower or weaker and silently: a clear error,
     and the model is untouched."""
-    from editcomp.edit.lafn import given_questions, unrelated_prompts
+    from editcomp.edit.unrelated import given_questions, unrelated_prompts
 
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -846,7 +846,7 @@ def test_answer_preservation_is_the_preservation_term_on_the_answer_moments(tok)
 def test_answer_preservation_keeps_a_single_edit_off_the_questions_answers(tok, fact):
     """A fact edited alone with ``answer_preserve`` changes down_proj's output where the pool's
     questions are answered less than without it: the pool's answer moments reach the optimizer."""
-    from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
+    from editcomp.edit.unrelated import unrelated_prompts, with_answer_activations
     model, _, _, _ = planted(tok, fact)
     texts = ("The weather was mild and the river ran quietly past the town. Where is the river?",
              "Who painted the ceiling of the chapel in the town by the river?")
@@ -1127,7 +1127,7 @@ def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(
     takes none of them (batch_questions 0), keep KL_WEIGHT and their usual steps; set values
     win. The resolved values reach ``optimize`` and the report."""
     from editcomp.data import Question
-    from editcomp.edit.lafn import given_questions
+    from editcomp.edit.unrelated import given_questions
     from editcomp.edit.lafn_config import (BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT, GIVEN_BATCH_STEPS,
                                            KL_WEIGHT, SINGLE_STEPS)
     calls = _record_optimize_calls(monkeypatch, "kl_weight")
@@ -1181,7 +1181,7 @@ def test_sampled_questions_are_reproducible_and_leave_the_callers_random_state(t
 
 
 def test_a_batch_adds_sampled_questions_except_those_naming_an_edited_subject(tok):
-    from editcomp.edit.lafn import unrelated_prompts
+    from editcomp.edit.unrelated import unrelated_prompts
     facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     subject = facts[0].langs["en"].subject
     model = tiny_model("llama")
@@ -1357,7 +1357,7 @@ def test_mean_activations_average_each_sequence_over_its_positions(tok):
 
 
 def _pool(acts):
-    from editcomp.edit.lafn import UnrelatedPrompts
+    from editcomp.edit.unrelated import UnrelatedPrompts
     n = acts.shape[1]
     return UnrelatedPrompts(tuple(f"q{k}?" for k in range(n)), tuple((k,) for k in range(n)),
                             (0,) * n, ("en",), acts)
@@ -1365,7 +1365,7 @@ def _pool(acts):
 
 def test_riskiest_ranks_the_pool_by_the_located_neurons_answer_activations():
     """Only the located neurons count, each layer weighted by its deltas' scale."""
-    from editcomp.edit.lafn import riskiest
+    from editcomp.edit.unrelated import riskiest
     acts = torch.zeros(2, 4, 6)
     acts[1, 2, [2, 3]] = 1.0     # q2: both located neurons of layer 1
     acts[1, 0, 2] = 0.5          # q0: one of them, half as much
@@ -1383,7 +1383,7 @@ def test_riskiest_ranks_the_pool_by_the_located_neurons_answer_activations():
 def test_a_fact_alone_takes_its_riskiest_questions_into_the_kl_term(tok, monkeypatch):
     """Single edits add the pool's riskiest questions (never one naming the subject) after the
     unrelated prompts; batches and risk_questions=0 do not, nor, by default, a sampled pool."""
-    from editcomp.edit.lafn import unrelated_prompts, with_answer_activations
+    from editcomp.edit.unrelated import unrelated_prompts, with_answer_activations
     facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     subject = facts[0].langs["en"].subject
     model = tiny_model("llama")
@@ -1446,7 +1446,7 @@ def test_foreign_answers_follow_each_question_where_its_own_answer_was(tok):
     tokenizes (a zh question takes it without a space); its end is the question's last token;
     the original rows come first, unchanged."""
     from editcomp.edit.answers import draw_answers
-    from editcomp.edit.lafn import UnrelatedPrompts, with_foreign_answers
+    from editcomp.edit.unrelated import UnrelatedPrompts, with_foreign_answers
     from editcomp.eval.edit_metrics import encode_prompt_target, join_prompt_target
     texts = ("Who wrote the long novel?", "谁写了这本书？")
     ids = tuple(tuple(tok(t)["input_ids"]) + (5, 6) for t in texts)
@@ -1470,7 +1470,7 @@ def test_foreign_answers_follow_each_question_where_its_own_answer_was(tok):
 def test_a_batch_teacher_forces_its_questions_on_foreign_answers(tok, monkeypatch):
     """Facts edited together add one foreign row per sampled question after them, dropping one
     whose answer names an edited subject; a fact alone, no spans or foreign_answers=0 add none."""
-    from editcomp.edit.lafn import UnrelatedPrompts
+    from editcomp.edit.unrelated import UnrelatedPrompts
     facts = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
     subject = facts[0].langs["en"].subject
     model = tiny_model("llama")
@@ -1549,7 +1549,7 @@ def test_given_questions_are_teacher_forced_on_their_answers_then_continued(tok,
     Each language keeps its first batch_questions in file order, in the order langs gives,
     and a language not asked for is dropped."""
     from editcomp.data import Question
-    from editcomp.edit.lafn import given_questions
+    from editcomp.edit.unrelated import given_questions
     from editcomp.eval.edit_metrics import encode_prompt_target
     model = tiny_model()
     qs = [Question("de", "Wer baute die alte Brücke?", "Karl Berg", "q:1"),

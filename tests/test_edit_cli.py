@@ -154,7 +154,7 @@ def test_a_batch_takes_foreign_answers_from_the_generic_text(tiny_ckpt, tmp_path
     preservation term; the lineage names the text and counts the foreign answers, one per
     sampled question (--foreign-answers 1)."""
     text = _bad(tmp_path, "It was built in 1887 by Gustave Eiffel . " * 50, "names.txt")
-    monkeypatch.setattr("editcomp.edit.lafn.sample_questions",
+    monkeypatch.setattr("editcomp.edit.unrelated.sample_questions",
                         lambda model, tok, lang, n, seed=0: ["Who painted the ceiling?",
                                                             "Where is the old bridge?"][:n])
     out = tmp_path / "edited"
@@ -176,7 +176,7 @@ def test_a_questions_file_replaces_the_sampled_questions(tiny_ckpt, tmp_path, mo
     the lineage names the file and its sha256."""
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled questions with a questions file given")
-    monkeypatch.setattr("editcomp.edit.lafn.sample_questions", no_sampling)
+    monkeypatch.setattr("editcomp.edit.unrelated.sample_questions", no_sampling)
     questions = _bad(tmp_path, "\n".join(json.dumps(q) for q in [
         {"lang": "en", "question": "Who wrote the old song?", "answer": "Anna Berg"},
         {"lang": "de", "question": "Wer baute die Brücke?", "answer": "Karl"},
@@ -280,7 +280,8 @@ def test_a_missing_default_preservation_text_says_how_to_go_on(tiny_ckpt, tmp_pa
 def test_preserve_text_reaches_the_edit_and_its_lineage(tiny_ckpt, tmp_path, monkeypatch):
     text = _bad(tmp_path, GENERIC, "generic.txt")
     asked = []
-    monkeypatch.setattr("editcomp.edit.lafn.sample_questions",  # --answer-preserve samples them
+    # --answer-preserve samples them
+    monkeypatch.setattr("editcomp.edit.unrelated.sample_questions",
                         lambda model, tok, lang, n, seed=0: asked.append(lang) or [
                             "Who painted the ceiling?", "Where is the old bridge?"][:n])
     out = tmp_path / "edited"

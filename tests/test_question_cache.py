@@ -10,7 +10,7 @@ import torch
 
 from editcomp import checkpoint
 from editcomp.edit import LAFNConfig
-from editcomp.edit.lafn import sampled_questions
+from editcomp.edit.unrelated import sampled_questions
 from editcomp.edit.question_cache import cached_questions, questions_key
 
 from conftest import EXAMPLE_FACTS, run_cli
@@ -24,7 +24,7 @@ def written_questions(monkeypatch):
     lines that end in a question mark); ``sampled_questions`` still continues them greedily."""
     def sample(model, tokenizer, lang, n, seed=0):
         return [f"Where is thing {k} in {lang}?" for k in range(n)]
-    monkeypatch.setattr("editcomp.edit.lafn.sample_questions", sample)
+    monkeypatch.setattr("editcomp.edit.unrelated.sample_questions", sample)
 
 
 def no_sampling(*args, **kwargs):

@@ -2,8 +2,8 @@
 fine-tuning baseline (FT-L). Both edit a model in place and return a report for the lineage."""
 
 from editcomp.edit.ftl import FTLConfig, ftl_edit
-from editcomp.edit.lafn import (LAFNConfig, UnrelatedPrompts, given_questions, lafn_edit,
-                                unrelated_prompts)
+from editcomp.edit.lafn import LAFNConfig, lafn_edit
+from editcomp.edit.unrelated import UnrelatedPrompts, given_questions, unrelated_prompts
 from editcomp.edit.locate import LocateConfig, locate
 
 __all__ = ["LAFNConfig", "lafn_edit", "unrelated_prompts", "UnrelatedPrompts", "given_questions", "FTLConfig", "ftl_edit", "LocateConfig", "locate"]

@@ -218,7 +218,7 @@ class LAFNConfig:
     #                               other questions' answers (session 15: see questions.py).
     #                               None: ``SAMPLED_QUESTIONS`` that the unedited model samples
     #                               (questions.py) with its greedy answers, or, given the
-    #                               caller's questions (``lafn.given_questions``), up to
+    #                               caller's questions (``unrelated.given_questions``), up to
     #                               ``GIVEN_QUESTIONS`` of those (``questions_per_lang``)
     kl_per_step: int = 32         # the most unrelated prompts one step's KL covers; more are dealt
     #                               into rotating groups (as ``kl_groups``)
@@ -254,7 +254,7 @@ class LAFNConfig:
 
     answer_preserve: float | None = None  # weight of the preservation term over the sampled
     #                               questions' answer positions (their last token and what
-    #                               follows it: lafn.answer_moments, NeuronDeltas.
+    #                               follows it: unrelated.answer_moments, NeuronDeltas.
     #                               answer_preservation), where a single edit's worst leaks are:
     #                               the target's token as the first answer token of another
     #                               question. None: ``SINGLE_ANSWER_PRESERVE`` for a fact edited

@@ -1,7 +1,7 @@
 """A checkpoint's sampled questions, kept on disk so that the next edit of it reads them.
 
 LAFN samples a few hundred questions from the unedited model and continues each greedily
-(``lafn.sampled_questions``): a batch edit's unrelated prompts, a single edit's answer
+(``unrelated.sampled_questions``): a batch edit's unrelated prompts, a single edit's answer
 preservation. For one fact that is over half the call (gemma3-270m on a 2-core CPU: 94 s
 sampled, 42 s read back; benchmarks/edit_call.py), and it is the same work for every edit of
 the same checkpoint. The questions depend only on the weights, the languages, how they are
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import editcomp
-from editcomp.edit.lafn import UnrelatedPrompts, prompt_continuation, sampled_questions
+from editcomp.edit.unrelated import UnrelatedPrompts, prompt_continuation, sampled_questions
 from editcomp.edit.lafn_config import LAFNConfig
 from editcomp.edit.questions import QUESTION_TOKENS, few_shot_questions
 from editcomp.models import home

@@ -25,8 +25,8 @@ def edit_and_measure(model, tokenizer, facts: list[Fact], config: LAFNConfig | F
     only where ``LAFNConfig.uses_generic_text``: its activation moments for the preservation term
     (``preservation_moments``), its names and dates for the foreign answers (answers.py).
     ``questions``: LAFN's unrelated questions for this model, if the caller has them (sampled:
-    ``question_cache``; or given: ``lafn.given_questions``); None: sampled by the edit where it
-    needs them."""
+    ``question_cache``; or given: ``unrelated.given_questions``); None: sampled by the edit
+    where it needs them."""
     lafn = isinstance(config, LAFNConfig) and preserve_text
     # first: a bad text fails before any other work
     preserve = (preservation_moments(model, tokenizer, preserve_text, config, progress)
