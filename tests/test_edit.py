@@ -742,6 +742,17 @@ def test_kept_output_rows_give_the_same_losses_and_follow_a_refresh(tok, fact):
                        row_cache=kept.top_rows.numel() * w.element_size() - 1)
     small.prepare(runner, 0)
     assert small.top_rows is None and small.cand_rows is not None
+    # under bf16 autocast the rows are kept as its matmuls read them, in bf16, and score as
+    # rows gathered at each call do
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept, each = (TrainBatch(runner, pairs, kl, kl_vocab=16, nll_vocab=8, row_cache=budget)
+                      for budget in (64 << 20, 0))
+        for b in (kept, each):
+            b.prepare(runner, 0)
+        assert kept.top_rows.dtype == torch.bfloat16 and kept.cand_rows.dtype == torch.bfloat16
+        with torch.no_grad():
+            for got, want in zip(kept.losses(runner, 0), each.losses(runner, 0)):
+                assert torch.equal(got, want)
 
 
 def test_the_text_penalty_is_the_output_change_on_that_text():

@@ -175,7 +175,7 @@ class TrainBatch:
     target token (None: the full vocabulary). A 262k-token output layer at every KL position is
     otherwise most of an edit step's time; the tokens that matter for keeping unrelated answers are
     the ones the model already ranks high and the ones the edit pushes up. Each position's own
-    top tokens are gathered (``[N, k, H]`` output rows), so the cost does not grow with the union
+    top tokens are gathered (``N x k`` output rows), so the cost does not grow with the union
     of all positions' top tokens (up to N * k columns, most of a step with a shared vocabulary).
 
     ``nll_vocab``: the target NLL's softmax runs over the target and the ``nll_vocab`` tokens the
@@ -232,7 +232,7 @@ class TrainBatch:
         self.kl_vocab = kl_vocab
         self.top: torch.Tensor | None = None     # each KL position's top token ids [N, k] (None: all)
         self.row_cache = row_cache
-        self.top_rows: torch.Tensor | None = None  # their output rows [N, k, H] (None: not kept)
+        self.top_rows: torch.Tensor | None = None  # their output rows [N, H, k] (None: not kept)
         self.targets = self.labels_t.unique()    # edit target ids, compared at every KL position
         self.dup: torch.Tensor | None = None     # [N, n_targets]: a target already in that row's top
         self.nll_vocab = nll_vocab
