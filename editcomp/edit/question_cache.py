@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import editcomp
-from editcomp.edit.unrelated import UnrelatedPrompts, prompt_continuation, sampled_questions
 from editcomp.edit.lafn_config import LAFNConfig
 from editcomp.edit.questions import QUESTION_TOKENS, few_shot_questions
+from editcomp.edit.unrelated import UnrelatedPrompts, prompt_continuation, sampled_questions
 from editcomp.models import home
 
 CACHE_FORMAT = 1

@@ -102,6 +102,8 @@ class ModelRunner:
         return self._gather_rows(ids)
 
     def _gather_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``out_rows``'s rows whatever their size (one function: kept and gathered rows score
+        alike to the bit)."""
         return (self.adapter.lm_head.weight.detach()[ids].transpose(-1, -2)
                 .to(self.matmul_dtype()).contiguous())
 
