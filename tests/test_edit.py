@@ -1132,15 +1132,16 @@ def test_a_batch_runs_more_steps_with_a_decaying_lr_and_a_fact_alone_fewer_at_a_
     assert LAFNConfig(steps=9).steps_for(1) == 9 and not LAFNConfig(lr_decay=True).lr_decay_for(1)
 
 
-def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(tok, monkeypatch):
+def test_the_callers_questions_take_a_stronger_kl(tok, monkeypatch):
     """Unset, facts edited together whose KL term holds the caller's questions take
-    GIVEN_BATCH_KL_WEIGHT over GIVEN_BATCH_STEPS; a fact alone with them, and a batch that
-    takes none of them (batch_questions 0), keep KL_WEIGHT and their usual steps; set values
-    win. The resolved values reach ``optimize`` and the report."""
+    GIVEN_BATCH_KL_WEIGHT over GIVEN_BATCH_STEPS; a fact alone with them as its risk questions
+    takes GIVEN_SINGLE_KL_WEIGHT over its usual steps; a batch that takes none of them
+    (batch_questions 0) and a fact alone without risk questions keep KL_WEIGHT; set values win.
+    The resolved values reach ``optimize`` and the report."""
     from editcomp.data import Question
     from editcomp.edit.unrelated import given_questions
     from editcomp.edit.lafn_config import (BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT, GIVEN_BATCH_STEPS,
-                                           KL_WEIGHT, SINGLE_STEPS)
+                                           GIVEN_SINGLE_KL_WEIGHT, KL_WEIGHT, SINGLE_STEPS)
     calls = _record_optimize_calls(monkeypatch, "kl_weight")
     model = tiny_model("llama")
     asked = [Question("en", "Who built the old bridge?", "Karl Berg", "q:1"),
@@ -1149,15 +1150,15 @@ def test_a_batch_with_the_callers_questions_takes_a_stronger_kl_over_more_steps(
     pool = given_questions(model, tok, asked, ["en"], LAFNConfig(kl_continuation=2))
     one = load_facts(EXAMPLE_FACTS, langs=["en"], limit=1)
     two = load_facts(EXAMPLE_FACTS, langs=["en"], limit=2)
-    runs = ((two, {}), (one, {}), (two, {"batch_questions": 0}),
+    runs = ((two, {}), (one, {}), (one, {"risk_questions": 0}), (two, {"batch_questions": 0}),
             (two, {"kl_weight": 3.0, "steps": 5}))
     reports = [lafn_edit(model, tok, facts, LAFNConfig(locate=where, kl_continuation=2, **kw),
                          ["en"], progress=False, questions=pool) for facts, kw in runs]
-    expected = [(GIVEN_BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT), (SINGLE_STEPS, KL_WEIGHT),
-                (BATCH_STEPS, KL_WEIGHT), (5, 3.0)]
-    assert calls == expected and GIVEN_BATCH_KL_WEIGHT > KL_WEIGHT
+    expected = [(GIVEN_BATCH_STEPS, GIVEN_BATCH_KL_WEIGHT), (SINGLE_STEPS, GIVEN_SINGLE_KL_WEIGHT),
+                (SINGLE_STEPS, KL_WEIGHT), (BATCH_STEPS, KL_WEIGHT), (5, 3.0)]
+    assert calls == expected and min(GIVEN_BATCH_KL_WEIGHT, GIVEN_SINGLE_KL_WEIGHT) > KL_WEIGHT
     assert [(r["steps"], r["kl_weight"]) for r in reports] == expected
-    assert LAFNConfig().kl_weight_for(2) == KL_WEIGHT == LAFNConfig().kl_weight_for(1, given=True)
+    assert LAFNConfig().kl_weight_for(2) == KL_WEIGHT == LAFNConfig().kl_weight_for(1)
 
 
 def test_keep_questions_keeps_new_questions_without_an_edited_subject():

@@ -115,9 +115,10 @@ from editcomp.errors import EditcompError
                    "of memory). Format: docs/facts.md.")
 @click.option("--kl-weight", default=None, type=float,
               help="lafn: weight of the KL term that keeps the unedited model's next-token "
-                   "distribution on unrelated prompts and questions [default: 10; 20 for facts "
-                   "edited together with --questions, which then run 200 steps: their German and "
-                   "Chinese locality needs it; 0: off].")
+                   "distribution on unrelated prompts and questions [default: 10; 20 with "
+                   "--questions: facts edited together then run 200 steps (their German and "
+                   "Chinese locality needs it), a fact alone weighs its risk questions so; "
+                   "0: off].")
 @click.option("--nll-floor", default=None, type=float,
               help="lafn: a training pair whose target NLL is below this gets no further push: "
                    "facts edited together reach their targets at different steps, and the ones "

@@ -313,7 +313,6 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         if config.preserve_weight > 0 and questions.ids:
             asked = preservation_moments(model, tokenizer, [list(p) for p in questions.ids], config)
             preserve = asked if preserve is None else {k: preserve[k] + asked[k] for k in preserve}
-    given = n_questions > 0 and from_caller  # a batch's KL term holds the caller's questions
     groups = [list(range(len(facts)))] if not config.sequential else [[i] for i in range(len(facts))]
     risk_pool = None
     wants_risk = config.takes_risk_questions(from_caller)
@@ -327,6 +326,8 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
         risk_pool = pool if wants_risk and pool.ids else None
         if answer_weight > 0:
             answers = pool.answer_moments
+    # the KL term holds the caller's questions: a batch's, or the risk questions of a fact alone
+    given = from_caller and (n_questions > 0 or risk_pool is not None)
     runs = []
     for g in tqdm(groups, desc="facts", unit="fact", disable=not progress or len(groups) < 2):
         sub_items = [it for it in items if it.fact in g]
