@@ -167,7 +167,7 @@ def edit_job(model, config: EditConfig, out, facts, langs=None, limit=None, offs
     check_edit_inputs(fact_list, ck.tokenizer, langs)  # every target tokenizes
     questions = None
     # a fact edited alone reads shorter continuations than facts edited together (lafn_config)
-    alone = config.method == "lafn" and (len(fact_list) == 1 or method_config.sequential)
+    alone = config.method == "lafn" and method_config.edits_alone(len(fact_list))
     if given is not None:
         from editcomp.edit.unrelated import given_questions
         questions = given_questions(ck.model, ck.tokenizer, given, used_langs, method_config,

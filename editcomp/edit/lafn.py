@@ -282,7 +282,7 @@ def lafn_edit(model, tokenizer, facts: list[Fact], config: LAFNConfig | None = N
     t0 = time.time()
     items = training_items(facts, tokenizer, langs, config.paraphrases)
     used_langs = languages_of(facts, langs)
-    alone = len(facts) == 1 or config.sequential  # each fact trained by itself
+    alone = config.edits_alone(len(facts))  # each fact trained by itself
     for name, prompts in (("unrelated", unrelated), ("questions", questions)):
         _check_continuation(name, prompts, config, alone)
     if unrelated is None:

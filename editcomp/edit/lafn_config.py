@@ -410,6 +410,11 @@ class LAFNConfig:
             return self.foreign_answers
         return 0 if given else 1
 
+    def edits_alone(self, n_facts: int) -> bool:
+        """Whether an edit of ``n_facts`` trains each fact by itself (one fact, or
+        ``sequential``): the mode whose unrelated prompts a caller makes with ``alone=True``."""
+        return n_facts == 1 or self.sequential
+
     def continuation_for(self, n_facts: int) -> int:
         """Tokens of the unedited model's continuation after each unrelated prompt of an edit of
         ``n_facts`` together (1: a fact edited alone, also under ``sequential``):
